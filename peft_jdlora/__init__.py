@@ -1,0 +1,36 @@
+"""peft-jdlora: serve thousands of LoRA adapters of one base model from a jointly compressed bundle.
+
+`import peft_jdlora` registers the JDLORA peft type with PEFT, so that `PeftModel.from_pretrained(base, bundle)`
+loads a bundle and `model.generate(..., adapter_ids=[...])` runs a batch in which every row uses its own adapter.
+"""
+
+from .batch import AdapterBatch, resolve_adapter_ids
+from .bundle import Bundle, ModuleFactors, export_lora, load_bundle, save_bundle
+from .config import FORMAT_VERSION, BundleFormatError, JDLoraConfig
+from .layer import JDLoraLayer, Linear
+from .model import JDLoraModel
+from .peft_type import JDLORA, JDLoraPeftType
+from .registration import register
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = [
+    "FORMAT_VERSION",
+    "JDLORA",
+    "AdapterBatch",
+    "Bundle",
+    "BundleFormatError",
+    "JDLoraConfig",
+    "JDLoraLayer",
+    "JDLoraModel",
+    "JDLoraPeftType",
+    "Linear",
+    "ModuleFactors",
+    "export_lora",
+    "load_bundle",
+    "register",
+    "resolve_adapter_ids",
+    "save_bundle",
+]

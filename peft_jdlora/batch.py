@@ -1,0 +1,127 @@
+"""Which adapter each row of a batch uses: resolving `adapter_ids` and handing per-token slots to the layers.
+
+One `AdapterBatch` is shared by all JD-LoRA layers of a model. The model fills it for the duration of a forward or
+generate call; every layer asks it for the slots of its own tokens, which are built once per batch shape and reused by
+all layers (and, on CUDA, the kernel metadata with them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from .config import JDLoraConfig
+
+AdapterId = Union[str, int, None]
+AdapterIds = Union[Sequence[AdapterId], torch.Tensor]
+_MAX_CACHED_SHAPES = 64
+
+
+def resolve_adapter_ids(config: JDLoraConfig, adapter_ids: AdapterIds) -> torch.Tensor:
+    """Per-row bundle slots [B] (int64, on CPU; -1 = base model) for names, indices, None, or an integer tensor."""
+    if isinstance(adapter_ids, torch.Tensor):
+        if adapter_ids.dim() != 1 or adapter_ids.dtype.is_floating_point or adapter_ids.dtype == torch.bool:
+            raise TypeError(
+                f"adapter_ids as a tensor must be a 1-D integer tensor (one id per row), got {adapter_ids.dtype} "
+                f"with shape {tuple(adapter_ids.shape)}."
+            )
+        slots = adapter_ids.detach().to("cpu", torch.int64)
+        bad = slots[(slots < -1) | (slots >= config.num_adapters)]
+        if bad.numel():
+            raise IndexError(
+                f"adapter_ids holds indices {bad.unique()[:5].tolist()} outside [-1, {config.num_adapters}): "
+                f"the bundle has {config.num_adapters} adapters (-1 = base model)."
+            )
+        return slots
+    if isinstance(adapter_ids, (str, bytes)) or not isinstance(adapter_ids, Sequence):
+        raise TypeError(
+            "adapter_ids must be a list with one adapter name, index or None per row, or a 1-D integer tensor; "
+            f"got {type(adapter_ids).__name__}."
+        )
+    slots = []
+    for row, adapter in enumerate(adapter_ids):
+        if hasattr(adapter, "item") and not isinstance(adapter, (str, int)):  # numpy / 0-d tensor scalars
+            adapter = adapter.item()
+        try:
+            slots.append(config.resolve_adapter(adapter))
+        except (KeyError, IndexError, TypeError) as err:
+            raise type(err)(f"adapter_ids[{row}]: {err.args[0]}") from None
+    return torch.tensor(slots, dtype=torch.int64)
+
+
+def check_batch_size(slots: torch.Tensor, batch_size: Optional[int], where: str) -> None:
+    if batch_size is not None and batch_size != slots.numel():
+        raise ValueError(
+            f"adapter_ids has {slots.numel()} entries but {where} has {batch_size} rows: give one adapter id per row."
+        )
+
+
+class AdapterBatch:
+    """The adapter slot of every row for the call in progress, per PEFT adapter (bundle) name."""
+
+    def __init__(self) -> None:
+        self.default_slots: dict[str, int] = {}
+        self._row_slots: dict[str, torch.Tensor] = {}
+        self._cache: dict[tuple, Any] = {}
+        # Builds kernel metadata from token slots, set by the kernel backend; None on the pure-PyTorch path.
+        self.metadata_builder: Optional[Callable[[torch.Tensor, int], Any]] = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self._row_slots)
+
+    def set_rows(self, adapter_name: str, slots: torch.Tensor) -> None:
+        self._row_slots[adapter_name] = slots
+        self._cache.clear()
+
+    def set_default(self, adapter_name: str, slot: int) -> None:
+        self.default_slots[adapter_name] = slot
+        self._cache.clear()
+
+    def clear(self) -> None:
+        self._row_slots.clear()
+        self._cache.clear()
+
+    def has_rows(self, adapter_name: str) -> bool:
+        return adapter_name in self._row_slots
+
+    def token_slots(self, adapter_name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Slot of each token of x ([rows, ..., d_in]) flattened to [T], on x's device; None if all rows are base.
+
+        When generation expands the batch (beam search, num_return_sequences), x has k·B rows for B ids: row j uses
+        the id of row j // k, which is how transformers orders expanded rows.
+        """
+        rows = x.shape[0] if x.dim() > 1 else 1
+        tokens_per_row = x.numel() // (x.shape[-1] * rows)
+        key = (adapter_name, rows, tokens_per_row, x.device)
+        if key in self._cache:
+            return self._cache[key]
+        if len(self._cache) > _MAX_CACHED_SHAPES:  # many shapes without a call context (plain forwards)
+            self._cache.clear()
+        row_slots = self._row_slots.get(adapter_name)
+        if row_slots is None:
+            slot = self.default_slots.get(adapter_name, -1)
+            token_slots = None if slot < 0 else torch.full((rows * tokens_per_row,), slot, dtype=torch.int64)
+        else:
+            if rows % row_slots.numel():
+                raise ValueError(
+                    f"adapter_ids has {row_slots.numel()} entries but the layer input has {rows} rows, which is not "
+                    "a multiple: give one adapter id per row of the batch."
+                )
+            expanded = row_slots.repeat_interleave(rows // row_slots.numel())
+            token_slots = None if bool((expanded < 0).all()) else expanded.repeat_interleave(tokens_per_row)
+        if token_slots is not None:
+            token_slots = token_slots.to(x.device, non_blocking=True)
+        self._cache[key] = token_slots
+        return token_slots
+
+    def metadata(self, adapter_name: str, token_slots: torch.Tensor, num_adapters: int) -> Any:
+        """Kernel metadata for these token slots, built once per batch shape and shared by all layers."""
+        if self.metadata_builder is None:
+            return None
+        key = ("meta", adapter_name, token_slots.numel(), token_slots.device)
+        if key not in self._cache:
+            self._cache[key] = self.metadata_builder(token_slots, num_adapters)
+        return self._cache[key]

@@ -1,0 +1,107 @@
+"""Plain PyTorch implementation of the mixed-adapter JD-LoRA forward.
+
+For tokens t with adapter slot a(t) (-1 = base model) of cluster c(a):
+
+    delta[t] = U[c] · Σ[a] · (V[c] · x[t])          (0 for base tokens)
+
+Shapes (T tokens, N adapters, C clusters, rank r):
+    x:               [T, d_in]
+    token_slots:     [T]           int64, -1 = base model
+    U:               [C, d_out, r]
+    V:               [C, r, d_in]
+    sigma:           [N, r, r] (full) or [N, r] (diagonal)
+    adapter_cluster: [N]           int64
+
+It is batched over adapters (no Python loop over adapters) and never syncs with the device, so it is also the CPU
+serving path. It is the reference the Triton kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Above this many stacked basis columns (C·r), one wide GEMM against every cluster's basis costs more than
+# gathering each token's own basis.
+WIDE_GEMM_MAX_COLUMNS = 256
+# Tokens per chunk on the gathered-basis path: bounds the [chunk, r, d] gathered copies.
+GATHER_CHUNK_TOKENS = 256
+
+
+def shrink(x: torch.Tensor, V: torch.Tensor, token_cluster: torch.Tensor) -> torch.Tensor:
+    """h[t] = V[c(t)] · x[t].  x: [T, d_in], V: [C, r, d_in], token_cluster: [T] -> h: [T, r]."""
+    num_clusters, rank, d_in = V.shape
+    if num_clusters == 1:
+        return x @ V[0].T
+    if num_clusters * rank <= WIDE_GEMM_MAX_COLUMNS:
+        h_all = (x @ V.reshape(num_clusters * rank, d_in).T).view(-1, num_clusters, rank)  # [T, C, r]
+        index = token_cluster.view(-1, 1, 1).expand(-1, 1, rank)
+        return h_all.gather(1, index).squeeze(1)
+    chunks = []
+    for start in range(0, x.shape[0], GATHER_CHUNK_TOKENS):
+        xs, cs = x[start : start + GATHER_CHUNK_TOKENS], token_cluster[start : start + GATHER_CHUNK_TOKENS]
+        chunks.append(torch.bmm(V[cs], xs.unsqueeze(-1)).squeeze(-1))  # [t, r, d_in] @ [t, d_in, 1]
+    return torch.cat(chunks) if chunks else x.new_zeros(0, rank)
+
+
+def expand(z: torch.Tensor, U: torch.Tensor, token_cluster: torch.Tensor) -> torch.Tensor:
+    """y[t] = U[c(t)] · z[t].  z: [T, r], U: [C, d_out, r], token_cluster: [T] -> y: [T, d_out]."""
+    num_clusters, d_out, rank = U.shape
+    if num_clusters == 1:
+        return z @ U[0].T
+    if num_clusters * rank <= WIDE_GEMM_MAX_COLUMNS:
+        z_wide = z.new_zeros(z.shape[0], num_clusters, rank)
+        z_wide.scatter_(1, token_cluster.view(-1, 1, 1).expand(-1, 1, rank), z.unsqueeze(1))
+        U_wide = U.permute(1, 0, 2).reshape(d_out, num_clusters * rank)  # [d_out, C·r]
+        return z_wide.view(z.shape[0], -1) @ U_wide.T
+    chunks = []
+    for start in range(0, z.shape[0], GATHER_CHUNK_TOKENS):
+        zs, cs = z[start : start + GATHER_CHUNK_TOKENS], token_cluster[start : start + GATHER_CHUNK_TOKENS]
+        chunks.append(torch.bmm(U[cs], zs.unsqueeze(-1)).squeeze(-1))
+    return torch.cat(chunks) if chunks else z.new_zeros(0, d_out)
+
+
+def apply_sigma(h: torch.Tensor, sigma: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """z[t] = Σ[a(t)] · h[t], and 0 for base tokens.  h: [T, r], sigma: [N, r, r] or [N, r] -> z: [T, r]."""
+    sigma_t = sigma[token_slots.clamp(min=0)]  # [T, r, r] or [T, r]
+    if sigma.dim() == 3:
+        z = torch.bmm(sigma_t, h.unsqueeze(-1)).squeeze(-1)
+    else:
+        z = h * sigma_t
+    return z * (token_slots >= 0).unsqueeze(-1).to(z.dtype)
+
+
+def jd_lora_delta(
+    x: torch.Tensor,
+    token_slots: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    sigma: torch.Tensor,
+    adapter_cluster: torch.Tensor,
+) -> torch.Tensor:
+    """The JD-LoRA update for every token: [T, d_in] -> [T, d_out] (shapes in the module docstring)."""
+    token_cluster = adapter_cluster[token_slots.clamp(min=0)]  # [T]
+    h = shrink(x, V, token_cluster)
+    z = apply_sigma(h, sigma, token_slots)
+    return expand(z, U, token_cluster)
+
+
+def jd_lora_delta_dense(
+    x: torch.Tensor,
+    token_slots: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    sigma: torch.Tensor,
+    adapter_cluster: torch.Tensor,
+) -> torch.Tensor:
+    """Brute-force reference for tests: forms each token's dense ΔW (small sizes only)."""
+    rows = []
+    for t in range(x.shape[0]):
+        slot = int(token_slots[t])
+        if slot < 0:
+            rows.append(x.new_zeros(U.shape[1]))
+            continue
+        cluster = int(adapter_cluster[slot])
+        s = sigma[slot] if sigma.dim() == 3 else torch.diag(sigma[slot])
+        delta_w = U[cluster] @ s @ V[cluster]  # [d_out, d_in]
+        rows.append(delta_w @ x[t])
+    return torch.stack(rows) if rows else x.new_zeros(0, U.shape[1])
