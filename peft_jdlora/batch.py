@@ -7,8 +7,8 @@ all layers (and, on CUDA, the kernel metadata with them).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import torch
 

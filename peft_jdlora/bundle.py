@@ -161,7 +161,9 @@ def _resolve_folder(path_or_repo: Union[str, os.PathLike], revision: Optional[st
         raise BundleFormatError(f"{path} is a file; a bundle is a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}.")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path_or_repo), revision=revision, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    return Path(
+        snapshot_download(str(path_or_repo), revision=revision, allow_patterns=["*.json", "*.safetensors", "*.md"])
+    )
 
 
 def read_config(folder: Path) -> JDLoraConfig:
@@ -231,7 +233,9 @@ def bundle_from_model(model: Any, bundle_name: str = "default") -> Bundle:
     for name, module in inner.named_modules():
         if isinstance(module, JDLoraLayer) and bundle_name in module.jd_U:
             modules[name] = ModuleFactors(
-                module.jd_U[bundle_name].detach(), module.jd_V[bundle_name].detach(), module.jd_sigma[bundle_name].detach()
+                module.jd_U[bundle_name].detach(),
+                module.jd_V[bundle_name].detach(),
+                module.jd_sigma[bundle_name].detach(),
             )
     return Bundle(config=tuner.peft_config[bundle_name], modules=modules)
 

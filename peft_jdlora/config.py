@@ -143,7 +143,9 @@ class JDLoraConfig(PeftConfig):
             if adapter == -1:
                 return -1
             if not 0 <= adapter < self.num_adapters:
-                raise IndexError(f"adapter index {adapter} is out of range: the bundle has {self.num_adapters} adapters.")
+                raise IndexError(
+                    f"adapter index {adapter} is out of range: the bundle has {self.num_adapters} adapters."
+                )
             return adapter
         if isinstance(adapter, str):
             try:
@@ -151,7 +153,9 @@ class JDLoraConfig(PeftConfig):
             except ValueError:
                 close = [n for n in self.adapter_names if adapter.lower() in n.lower()][:5]
                 hint = f" Similar names: {close}." if close else ""
-                raise KeyError(f"no adapter named {adapter!r} in this bundle ({self.num_adapters} adapters).{hint}") from None
+                raise KeyError(
+                    f"no adapter named {adapter!r} in this bundle ({self.num_adapters} adapters).{hint}"
+                ) from None
         raise TypeError(f"adapter ids are names, indices or None, got {type(adapter).__name__} {adapter!r}.")
 
     def _pattern_value(self, pattern: dict[str, Any], module_name: str, default: Any) -> Any:

@@ -84,7 +84,9 @@ class JDLoraModel(BaseTuner):
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
             if model_type not in self.target_module_mapping:
-                raise ValueError(f"Please specify target_modules in JDLoraConfig: no default for model type {model_type!r}.")
+                raise ValueError(
+                    f"Please specify target_modules in JDLoraConfig: no default for model type {model_type!r}."
+                )
             peft_config.target_modules = sorted(self.target_module_mapping[model_type])
         return peft_config
 

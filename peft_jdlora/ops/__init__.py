@@ -70,4 +70,4 @@ def jd_lora_delta(
     return reference.jd_lora_delta(x, token_slots, U, V, sigma, adapter_cluster)
 
 
-__all__ = ["jd_lora_delta", "set_backend", "get_backend", "triton_available", "reference"]
+__all__ = ["get_backend", "jd_lora_delta", "reference", "set_backend", "triton_available"]

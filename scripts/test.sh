@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (CPU torch 2.13.0 first, then the package with its test extras) and run the checks:
+# ruff and the pytest suite. Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${JDLORA_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+# A CPU build of torch from the local index; an unpinned torch would pull a multi-GB CUDA build.
+python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
+python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+python -c "import torch, peft, transformers, triton; print('torch', torch.__version__, '| peft', peft.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__)"
+ruff check .
+ruff format --check . || { echo "ruff format: run 'ruff format .'"; exit 1; }
+export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 OMP_NUM_THREADS=2
+python -m pytest -q -p no:cacheprovider "$@"
