@@ -8,7 +8,7 @@ from .batch import AdapterBatch, resolve_adapter_ids
 from .bundle import Bundle, ModuleFactors, export_lora, load_bundle, save_bundle
 from .config import FORMAT_VERSION, BundleFormatError, JDLoraConfig
 from .layer import JDLoraLayer, Linear
-from .model import JDLoraModel
+from .model import JDLoraModel, use_adapter_ids
 from .peft_type import JDLORA, JDLoraPeftType
 from .registration import register
 
@@ -33,4 +33,5 @@ __all__ = [
     "register",
     "resolve_adapter_ids",
     "save_bundle",
+    "use_adapter_ids",
 ]

@@ -13,7 +13,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .batch import AdapterBatch, AdapterId, AdapterIds, check_batch_size, resolve_adapter_ids
-from .config import JDLoraConfig
+from .bundle import FACTOR_NAMES
+from .config import BundleFormatError, JDLoraConfig
 from .layer import JDLoraLayer, Linear
 
 
@@ -90,6 +91,45 @@ class JDLoraModel(BaseTuner):
             peft_config.target_modules = sorted(self.target_module_mapping[model_type])
         return peft_config
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT upcasts fp16/bf16 adapter weights to fp32 for stable training. A bundle loaded for inference keeps the
+        # dtype of the layer it patches instead: serving thousands of adapters is what the compact dtype is for.
+        if self.peft_config[adapter_name].inference_mode:
+            return
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: JDLoraConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Map checkpoint keys to the model's, and refuse a checkpoint that lacks tensors or has the wrong shapes
+        (PEFT would only warn about missing keys and leave random factors in place)."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        if not isinstance(config, JDLoraConfig):
+            return remapped
+        expected = {
+            key: tensor
+            for key, tensor in model.state_dict().items()
+            if any(
+                f".{name}.{adapter_name}" in key and key.endswith(f".{name}.{adapter_name}") for name in FACTOR_NAMES
+            )
+        }
+        missing = sorted(key for key in expected if key not in remapped)
+        if missing:
+            raise BundleFormatError(
+                f"the bundle's weights lack {len(missing)} tensors the config implies, e.g. "
+                f"{_checkpoint_key(missing[0], adapter_name)!r}: adapter_model.safetensors does not match "
+                "adapter_config.json."
+            )
+        for key, tensor in expected.items():
+            if tuple(remapped[key].shape) != tuple(tensor.shape):
+                raise BundleFormatError(
+                    f"tensor {_checkpoint_key(key, adapter_name)!r} has shape {tuple(remapped[key].shape)} but the "
+                    f"config and base model imply {tuple(tensor.shape)} (rank, cluster count, adapter count, or a "
+                    "different base model)."
+                )
+        return remapped
+
     # ---------------------------------------------------------------- adapter selection
 
     def _bundle_name(self, bundle: Optional[str] = None) -> str:
@@ -128,31 +168,11 @@ class JDLoraModel(BaseTuner):
         with self.adapter_ids(adapter_ids, batch_kwargs=kwargs):
             yield
 
-    @contextlib.contextmanager
     def adapter_ids(
         self, adapter_ids: AdapterIds, bundle: Optional[str] = None, batch_kwargs: Optional[dict[str, Any]] = None
-    ) -> Iterator[None]:
-        """Context in which each row of the model's input uses its own adapter, for code that calls the model
-        directly (e.g. a transformers model with the bundle loaded through `load_adapter`)."""
-        name = self._bundle_name(bundle)
-        slots = resolve_adapter_ids(self.peft_config[name], adapter_ids)
-        for key in ("input_ids", "inputs_embeds", "attention_mask"):
-            value = (batch_kwargs or {}).get(key)
-            if isinstance(value, torch.Tensor) and value.dim() > 1:
-                check_batch_size(slots, value.shape[0], key)
-                break
-        if any(module.merged for module in self.model.modules() if isinstance(module, JDLoraLayer)):
-            raise RuntimeError(
-                "adapter_ids cannot be used while an adapter is merged into the base weights: call "
-                "unmerge_adapter() first."
-            )
-        hook = self.model.register_forward_pre_hook(_check_rows_hook(slots), with_kwargs=True)
-        self.jd_batch.set_rows(name, slots)
-        try:
-            yield
-        finally:
-            self.jd_batch.clear()
-            hook.remove()
+    ) -> contextlib.AbstractContextManager[None]:
+        """Context in which each row of the model's input uses its own adapter (see `use_adapter_ids`)."""
+        return use_adapter_ids(self.model, adapter_ids, bundle=self._bundle_name(bundle), batch_kwargs=batch_kwargs)
 
     # ---------------------------------------------------------------- merging
 
@@ -184,6 +204,58 @@ class JDLoraModel(BaseTuner):
 
         name = self._bundle_name(bundle)
         return export_lora(bundle_from_model(self, name), adapter, output_dir, overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def use_adapter_ids(
+    model: nn.Module,
+    adapter_ids: AdapterIds,
+    bundle: Optional[str] = None,
+    batch_kwargs: Optional[dict[str, Any]] = None,
+) -> Iterator[None]:
+    """Run `model` with one adapter per row, for code that calls a model holding a bundle directly, e.g. a
+    transformers model that loaded the bundle with `model.load_adapter(path)`:
+
+        with use_adapter_ids(model, ["task_a", None, 3]):
+            logits = model(input_ids).logits
+
+    `bundle` names the PEFT adapter (bundle) when several are loaded. Ids are checked (names, range, and the row
+    count when `batch_kwargs` holds input_ids) before anything runs; the hooks are removed even if the call raises.
+    """
+    layers = [m for m in model.modules() if isinstance(m, JDLoraLayer)]
+    if not layers:
+        raise ValueError("the model holds no JD-LoRA layers: load a bundle first.")
+    loaded = sorted({name for layer in layers for name in layer.jd_U})
+    if bundle is None:
+        if len(loaded) != 1:
+            raise ValueError(f"several bundles are loaded ({loaded}): pass bundle=... to choose one.")
+        bundle = loaded[0]
+    if bundle not in loaded:
+        raise KeyError(f"no bundle named {bundle!r} is loaded; loaded: {loaded}.")
+    slots = resolve_adapter_ids(model.peft_config[bundle], adapter_ids)
+    for key in ("input_ids", "inputs_embeds", "attention_mask"):
+        value = (batch_kwargs or {}).get(key)
+        if isinstance(value, torch.Tensor) and value.dim() > 1:
+            check_batch_size(slots, value.shape[0], key)
+            break
+    if any(layer.merged for layer in layers):
+        raise RuntimeError(
+            "adapter_ids cannot be used while an adapter is merged into the base weights: call unmerge_adapter() first."
+        )
+    batches = {id(layer.jd_batch): layer.jd_batch for layer in layers}.values()
+    hook = model.register_forward_pre_hook(_check_rows_hook(slots), with_kwargs=True)
+    for batch in batches:
+        batch.set_rows(bundle, slots)
+    try:
+        yield
+    finally:
+        for batch in batches:
+            batch.clear()
+        hook.remove()
+
+
+def _checkpoint_key(model_key: str, adapter_name: str) -> str:
+    return model_key.removesuffix(f".{adapter_name}")
 
 
 def _check_rows_hook(slots: torch.Tensor):
