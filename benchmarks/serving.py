@@ -1,0 +1,204 @@
+"""Serving throughput with the PEFT / transformers stack: a batch in which every row uses a different adapter.
+
+Compares, on one model and one batch shape, for 1, 8, 64, 256 and 1000 resident adapters:
+  (a) the base model, (b) one LoRA, (c) PEFT LoRA with all adapters loaded and `adapter_names=` per row,
+  (d) the JD-LoRA bundle with `adapter_ids=` per row,
+and reports tokens/s of greedy generation and of a prefill forward, plus the resident adapter memory.
+
+    python benchmarks/serving.py --out serving.json                      # CPU, 4-layer 576-wide Llama
+    python benchmarks/serving.py --device cuda --layers 30 --out gpu.json
+
+Adapters are random (LoRA r=16 on q_proj/v_proj, nonzero B) and the bundle is a random one of the same rank and
+targets: throughput depends on shapes, not values. Not a test; run it alone (two torch jobs on 2 cores slow each other
+down many times over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import peft_jdlora
+from peft_jdlora import JDLoraConfig, save_bundle
+from peft_jdlora.bundle import Bundle, ModuleFactors
+
+
+def make_base(layers: int, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    """SmolLM2-135M's shapes (576 wide, 9 heads, 3 KV heads, 1536 MLP, 49152 vocab) with `layers` layers."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def lora_folders(base: LlamaForCausalLM, count: int, rank: int, root: Path) -> list[Path]:
+    folders = []
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, config)
+    for i in range(count):
+        torch.manual_seed(1000 + i)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data.normal_(0, 0.02)
+        folder = root / f"lora_{i:04d}"
+        model.save_pretrained(folder)
+        folders.append(folder)
+    model.unload()
+    return folders
+
+
+def random_bundle_for(base: LlamaForCausalLM, count: int, rank: int, root: Path) -> Path:
+    names = [f"lora_{i:04d}" for i in range(count)]
+    modules = {}
+    gen = torch.Generator().manual_seed(0)
+    for name, module in base.named_modules():
+        if name.endswith(("q_proj", "v_proj")) and isinstance(module, torch.nn.Linear):
+            d_out, d_in = module.out_features, module.in_features
+            U = torch.linalg.qr(torch.randn(d_out, rank, generator=gen))[0][None]
+            V = torch.linalg.qr(torch.randn(d_in, rank, generator=gen))[0].T[None]
+            modules[name] = ModuleFactors(
+                U.contiguous(), V.contiguous(), 0.02 * torch.randn(count, rank, rank, generator=gen)
+            )
+    config = JDLoraConfig(target_modules=sorted(modules), r=rank, adapter_names=names, task_type="CAUSAL_LM")
+    path = root / f"bundle_{count}"
+    save_bundle(Bundle(config=config, modules=modules), path)
+    return path
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Median seconds of `fn()` over `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def adapter_bytes(model: torch.nn.Module, marker: str) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if marker in n)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=32, help="rows per batch; each row a different adapter")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--resident", default="1,8,64,256,1000", help="numbers of resident adapters")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-peft-above", type=int, default=1000, help="skip PEFT adapter_names above this count")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
+    counts = [int(c) for c in args.resident.split(",")]
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()}, {args.threads} threads"
+
+    prompt = torch.randint(3, 49152, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(args.device)
+    gen_kwargs = {
+        "max_new_tokens": args.new_tokens,
+        "min_new_tokens": args.new_tokens,
+        "do_sample": False,
+        "pad_token_id": 0,
+    }
+    tokens_generated = args.batch * args.new_tokens
+    tokens_prefilled = args.batch * args.prompt_len
+    results = {
+        "machine": machine,
+        "device": args.device,
+        "dtype": str(dtype),
+        "args": vars(args) | {"out": str(args.out)},
+        "rows": [],
+    }
+
+    def measure(label: str, count: int, model, extra: dict, memory: int) -> None:
+        with torch.no_grad():
+            generate_s = timed(
+                lambda: model.generate(input_ids=prompt, **gen_kwargs, **extra), args.repeats, args.device
+            )
+            prefill_s = timed(lambda: model(input_ids=prompt, **extra), args.repeats, args.device)
+        row = {
+            "method": label,
+            "resident": count,
+            "distinct_in_batch": len(set(extra.get("adapter_ids", extra.get("adapter_names", [None])))),
+            "decode_tokens_per_s": tokens_generated / generate_s,
+            "prefill_tokens_per_s": tokens_prefilled / prefill_s,
+            "adapter_bytes": memory,
+        }
+        results["rows"].append(row)
+        print(
+            f"{label:<22} resident={count:>5} distinct={row['distinct_in_batch']:>3} "
+            f"generate {row['decode_tokens_per_s']:9.1f} tok/s  prefill {row['prefill_tokens_per_s']:9.1f} tok/s  "
+            f"adapters {memory / 2**20:8.2f} MiB",
+            flush=True,
+        )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = make_base(args.layers, args.device, dtype)
+        measure("base model", 0, base, {}, 0)
+        folders = lora_folders(make_base(args.layers, "cpu", torch.float32), max(counts), args.rank, root)
+        one = PeftModel.from_pretrained(make_base(args.layers, args.device, dtype), folders[0]).eval()
+        measure("one LoRA", 1, one, {}, adapter_bytes(one, "lora_"))
+        del one
+        for count in counts:
+            rows = [f"lora_{i % count:04d}" for i in range(args.batch)]
+            if count <= args.skip_peft_above:
+                peft = PeftModel.from_pretrained(
+                    make_base(args.layers, args.device, dtype),
+                    folders[0],
+                    adapter_name=rows[0] if count == 1 else "lora_0000",
+                ).eval()
+                for i in range(1, count):
+                    peft.load_adapter(folders[i], adapter_name=f"lora_{i:04d}")
+                measure("PEFT adapter_names", count, peft, {"adapter_names": rows}, adapter_bytes(peft, "lora_"))
+                del peft
+            bundle_path = random_bundle_for(make_base(args.layers, "cpu", torch.float32), count, args.rank, root)
+            jd = PeftModel.from_pretrained(make_base(args.layers, args.device, dtype), bundle_path).eval()
+            measure("JD-LoRA adapter_ids", count, jd, {"adapter_ids": rows}, adapter_bytes(jd, ".jd_"))
+            del jd
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+    print(f"machine: {machine}; peft_jdlora {peft_jdlora.__version__}; torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
