@@ -38,6 +38,7 @@ class JDLoraConfig(PeftConfig):
         adapter_sources: provenance of each source adapter (`{"source": path or Hub id, "revision": sha, ...}`).
         default_adapter: adapter (name or index) used for rows without an explicit id; None means the base model.
         fan_in_fan_out: True if the patched layers store weights as (fan_in, fan_out), like GPT-2's `Conv1D`.
+        init_weights: initialise fresh factors with a random orthonormal basis (True) or zeros (False); Σ starts at 0.
         format_version: bundle format version; checked when the bundle is loaded.
     """
 
@@ -79,6 +80,13 @@ class JDLoraConfig(PeftConfig):
     )
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Name of the layer list used with layers_to_transform, as in LoraConfig."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "Start new factors from a random orthonormal basis and Σ = 0 (the model is unchanged until Σ is "
+            "trained); False starts from zeros, which is faster when the values are loaded right after."
+        },
     )
     format_version: int = field(
         default=FORMAT_VERSION, metadata={"help": "Bundle format version, checked when a bundle is loaded."}

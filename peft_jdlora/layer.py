@@ -62,18 +62,15 @@ class JDLoraLayer(BaseTunerLayer):
             raise ValueError(f"bundle {adapter_name!r} has no adapters: JDLoraConfig.adapter_names is empty.")
         self.r[adapter_name] = r
         self.sigma_type[adapter_name] = sigma_type
-        U = torch.empty(num_clusters, self.out_features, r)
-        V = torch.empty(num_clusters, r, self.in_features)
-        if init_weights:
-            for c in range(num_clusters):
-                nn.init.orthogonal_(U[c])
-                nn.init.orthogonal_(V[c])
+        if init_weights:  # one batched QR for all clusters: a bundle of singleton clusters has thousands
+            U = torch.linalg.qr(torch.randn(num_clusters, self.out_features, r))[0]  # [C, d_out, r]
+            V = torch.linalg.qr(torch.randn(num_clusters, self.in_features, r))[0].transpose(1, 2)  # [C, r, d_in]
         else:
-            U.zero_()
-            V.zero_()
+            U = torch.zeros(num_clusters, self.out_features, r)
+            V = torch.zeros(num_clusters, r, self.in_features)
         sigma_shape = (num_adapters, r, r) if sigma_type == "full" else (num_adapters, r)
         self.jd_U[adapter_name] = nn.Parameter(U)
-        self.jd_V[adapter_name] = nn.Parameter(V)
+        self.jd_V[adapter_name] = nn.Parameter(V.contiguous())
         self.jd_sigma[adapter_name] = nn.Parameter(torch.zeros(sigma_shape))
         self.jd_cluster[adapter_name] = torch.tensor(adapter_cluster, dtype=torch.int64)
         self._move_adapter_to_device_of_base_layer(adapter_name)

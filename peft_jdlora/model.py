@@ -59,7 +59,7 @@ class JDLoraModel(BaseTuner):
             "sigma_type": config.sigma_type,
             "adapter_cluster": config.clusters_for(current_key),
             "num_clusters": config.num_clusters_for(current_key),
-            "init_weights": config.init_weights if hasattr(config, "init_weights") else True,
+            "init_weights": config.init_weights,
         }
         if isinstance(target, JDLoraLayer):
             target.update_layer(adapter_name, **layer_args)
