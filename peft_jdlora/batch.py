@@ -11,7 +11,9 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
+from . import ops
 from .config import JDLoraConfig
 
 AdapterId = Union[str, int, None]
@@ -65,8 +67,13 @@ class AdapterBatch:
         self.default_slots: dict[str, int] = {}
         self._row_slots: dict[str, torch.Tensor] = {}
         self._cache: dict[tuple, Any] = {}
-        # Builds kernel metadata from token slots, set by the kernel backend; None on the pure-PyTorch path.
-        self.metadata_builder: Optional[Callable[[torch.Tensor, int], Any]] = None
+        # Builds the kernel metadata of a batch from host token slots [T] and a host cluster table [N] for a device;
+        # returns None when that device runs the PyTorch reference. None here disables kernel metadata altogether.
+        self.metadata_builder: Optional[Callable[[torch.Tensor, torch.Tensor, torch.device], Any]] = ops.kernel_metadata
+        # Host copy of each layer's cluster table (read back once per table, not per forward) and an interned id of
+        # its contents: layers with equal tables share one metadata.
+        self._cluster_tables: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._cluster_ids: dict[tuple[int, ...], int] = {}
 
     @property
     def active(self) -> bool:
@@ -113,15 +120,42 @@ class AdapterBatch:
             expanded = row_slots.repeat_interleave(rows // row_slots.numel())
             token_slots = None if bool((expanded < 0).all()) else expanded.repeat_interleave(tokens_per_row)
         if token_slots is not None:
+            host_slots = token_slots
             token_slots = token_slots.to(x.device, non_blocking=True)
+            # The kernel metadata is built from the host copy: no read-back from the device.
+            self._cache[("host", id(token_slots))] = (token_slots, host_slots)
         self._cache[key] = token_slots
         return token_slots
 
-    def metadata(self, adapter_name: str, token_slots: torch.Tensor, num_adapters: int) -> Any:
-        """Kernel metadata for these token slots, built once per batch shape and shared by all layers."""
+    def metadata(self, adapter_name: str, token_slots: torch.Tensor, adapter_cluster: torch.Tensor) -> Any:
+        """Kernel metadata for `token_slots` (as `token_slots()` returned them) and a layer's cluster table [N],
+        built on the host once per batch shape and cluster table, and shared by all layers; None on the PyTorch path."""
         if self.metadata_builder is None:
             return None
-        key = ("meta", adapter_name, token_slots.numel(), token_slots.device)
-        if key not in self._cache:
-            self._cache[key] = self.metadata_builder(token_slots, num_adapters)
-        return self._cache[key]
+        host = self._cache.get(("host", id(token_slots)))
+        host_slots = host[1] if host is not None and host[0] is token_slots else token_slots.cpu()
+        clusters, cluster_id = self._cluster_table(adapter_cluster)
+        key = ("meta", adapter_name, id(token_slots), cluster_id)
+        entry = self._cache.get(key)
+        if entry is None or entry[0] is not token_slots:
+            entry = (token_slots, self.metadata_builder(host_slots, clusters, token_slots.device))
+            self._cache[key] = entry
+        return entry[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The caches hold per-call tensors and weak references (not picklable): a copy starts without them.
+        state = self.__dict__.copy()
+        state["_cache"], state["_cluster_tables"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cluster_tables = WeakIdKeyDictionary()
+
+    def _cluster_table(self, adapter_cluster: torch.Tensor) -> tuple[torch.Tensor, int]:
+        entry = self._cluster_tables.get(adapter_cluster)
+        if entry is None:
+            host = adapter_cluster.detach().to("cpu", torch.int64)
+            cluster_id = self._cluster_ids.setdefault(tuple(host.tolist()), len(self._cluster_ids))
+            entry = self._cluster_tables[adapter_cluster] = (host, cluster_id)
+        return entry

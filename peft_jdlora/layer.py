@@ -166,7 +166,7 @@ class Linear(nn.Module, JDLoraLayer):
                 continue
             U, V, sigma, cluster = self._factors(adapter_name)
             x_flat = self._cast_input_dtype(x, U.dtype).reshape(-1, self.in_features)  # [T, d_in]
-            metadata = self.jd_batch.metadata(adapter_name, token_slots, sigma.shape[0])
+            metadata = self.jd_batch.metadata(adapter_name, token_slots, cluster)
             delta = ops.jd_lora_delta(x_flat, token_slots, U, V, sigma, cluster, metadata=metadata)  # [T, d_out]
             result = result + delta.view(*result.shape[:-1], self.out_features).to(result.dtype)
         return result
