@@ -1,0 +1,275 @@
+"""Model cards (README.md) for bundles and for LoRA adapters exported from a bundle.
+
+Built with huggingface_hub's `ModelCard` / `ModelCardData`, so the YAML front matter is what the Hub expects
+(`library_name: peft` makes the Hub show "PEFT" and the loading snippet; `base_model` links the base model page).
+`PeftModel.push_to_hub` would replace PEFT's card with a transformers one, which is why the tools write their own.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from . import __version__
+
+PROJECT_URL = "https://github.com/huggingface/peft"
+PAPER = "Compress then Serve (Brüel-Gabrielsson et al., arXiv:2407.00066)"
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+_PIPELINE_TAGS = {"CAUSAL_LM": "text-generation", "SEQ_2_SEQ_LM": "text2text-generation"}
+_AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
+
+
+def is_hub_id(name: Optional[str]) -> bool:
+    """True for names that look like Hub repo ids (a local path must not go into `base_model` metadata)."""
+    return bool(name) and not name.startswith((".", "/", "~")) and bool(_HUB_ID_RE.match(name))
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: pipes escaped, newlines flattened."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def describe_modules(modules: Any) -> str:
+    """Target modules in brief: the distinct layer names and the count ("q_proj, v_proj (60 modules)")."""
+    if not isinstance(modules, (list, tuple)):
+        return str(modules)
+    names = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    return f"{', '.join(names)} ({len(modules)} modules)"
+
+
+def format_error(value: Optional[float]) -> str:
+    if value is None:
+        return "n/a"
+    if value == 0:
+        return "0"
+    return f"{value:.2e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
+
+
+def _format_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def adapter_rows(config: Any, report: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per adapter: index, name, source, revision, cluster, errors (what `inspect` and the card show)."""
+    per_adapter = (report or {}).get("per_adapter", {})
+    clusters = config.adapter_clusters or [0] * config.num_adapters
+    sources = config.adapter_sources or [{} for _ in config.adapter_names]
+    rows = []
+    for i, name in enumerate(config.adapter_names):
+        source = sources[i] if i < len(sources) else {}
+        entry = per_adapter.get(name, {})
+        rows.append(
+            {
+                "index": i,
+                "name": name,
+                "source": source.get("source"),
+                "revision": source.get("revision"),
+                "cluster": entry.get("cluster", clusters[i]),
+                "mean_error": entry.get("mean_error"),
+                "max_error": entry.get("max_error"),
+                "rank": source.get("r"),
+            }
+        )
+    return rows
+
+
+def bundle_summary(config: Any, report: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The bundle's facts as a flat dict (model card, `jdlora inspect`)."""
+    report = report or {}
+    overall = report.get("overall", {})
+    params = report.get("params", {})
+    size = report.get("bytes", {})
+    targets = config.target_modules
+    return {
+        "base_model": config.base_model_name_or_path,
+        "task_type": config.task_type,
+        "num_adapters": config.num_adapters,
+        "rank": config.r,
+        "rank_pattern": dict(config.rank_pattern),
+        "sigma_type": config.sigma_type,
+        "num_clusters": config.num_clusters,
+        "target_modules": list(targets) if isinstance(targets, (list, tuple, set)) else targets,
+        "format_version": config.format_version,
+        "method": report.get("method"),
+        "mean_error": overall.get("mean_error"),
+        "worst_adapter": overall.get("worst_adapter"),
+        "worst_error": overall.get("worst_error"),
+        "params_original": params.get("original"),
+        "params_bundle": params.get("bundle"),
+        "compression_ratio": params.get("ratio"),
+        "bytes_original": size.get("original"),
+        "bytes_bundle": size.get("bundle"),
+        "dtype": size.get("dtype"),
+        "seconds": report.get("seconds"),
+        "device": report.get("device"),
+        "verification": report.get("verification"),
+    }
+
+
+def bundle_card(
+    config: Any, report: Optional[dict[str, Any]], *, repo_id: Optional[str] = None, title: Optional[str] = None
+) -> str:
+    """README.md of a bundle: front matter, what it is, how to load it and pick adapters, the adapter table, and the
+    compression settings and size."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    summary = bundle_summary(config, report)
+    rows = adapter_rows(config, report)
+    base = summary["base_model"]
+    tags = ["peft", "lora", "jdlora", "compressed-lora", "multi-lora"]
+    data = ModelCardData(
+        library_name="peft",
+        base_model=base if is_hub_id(base) else None,
+        tags=tags,
+        pipeline_tag=_PIPELINE_TAGS.get(str(summary["task_type"])),
+    )
+    where = repo_id or "path/to/this/bundle"
+    auto_class = _AUTO_CLASSES.get(str(summary["task_type"]), "AutoModelForCausalLM")
+    first = [r["name"] for r in rows[:2]]
+    example_ids = ", ".join(repr(n) for n in first) + (", None" if first else "None")
+    title = title or (repo_id.split("/")[-1] if repo_id else "JD-LoRA bundle")
+
+    lines = [
+        f"# {title}",
+        "",
+        f"A **JD-LoRA bundle**: {summary['num_adapters']} LoRA adapters of `{base}` compressed jointly into one shared "
+        f"basis per target module ({PAPER}). For each module and adapter *i* of cluster *c*, the weight update is "
+        "ΔW_i ≈ U_c Σ_i V_cᵀ: the bases U_c, V_c are shared, only the small Σ_i belongs to adapter *i*. "
+        "One model serves every adapter at once, a different one on each row of a batch.",
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "import peft_jdlora  # registers the JDLORA peft type with PEFT: import it before loading the bundle",
+        "from peft import PeftModel",
+        f"from transformers import {auto_class}, AutoTokenizer",
+        "",
+        f'base = {auto_class}.from_pretrained("{base}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
+        f'model = PeftModel.from_pretrained(base, "{where}")',
+        "",
+        'batch = tokenizer(["first prompt", "second prompt", "third prompt"], return_tensors="pt", padding=True)',
+        "# one adapter per row: a name, an index, or None (-1) for the base model",
+        f"out = model.generate(**batch, adapter_ids=[{example_ids}])",
+        "```",
+        "",
+        "Install with `pip install peft-jdlora`. Without `import peft_jdlora`, PEFT does not know the JDLORA type.",
+        f"Get one adapter back as an ordinary PEFT LoRA folder: `jdlora export {where} --adapter NAME --out DIR`.",
+        "",
+        "## Adapters",
+        "",
+        "Error: squared relative Frobenius error of ΔW, ‖ΔW − ΔŴ‖² / ‖ΔW‖², mean over the adapter's modules.",
+        "",
+        "| # | name | source | revision | cluster | error |",
+        "|---|------|--------|----------|---------|-------|",
+    ]
+    for r in rows:
+        revision = (r["revision"] or "")[:10] if r["revision"] else "local"
+        lines.append(
+            f"| {r['index']} | {_cell(r['name'])} | {_cell(r['source'] or 'n/a')} | {_cell(revision)} | "
+            f"{r['cluster']} | {format_error(r['mean_error'])} |"
+        )
+    ratio = summary["compression_ratio"]
+    settings = [
+        ("method", summary["method"] or "n/a"),
+        (
+            "rank r",
+            summary["rank"] if not summary["rank_pattern"] else f"{summary['rank']} ({summary['rank_pattern']})",
+        ),
+        ("Σ type", summary["sigma_type"]),
+        ("clusters", summary["num_clusters"]),
+        (
+            "target modules",
+            describe_modules(summary["target_modules"]),
+        ),
+        ("mean error", format_error(summary["mean_error"])),
+        (
+            "worst adapter",
+            f"{summary['worst_adapter']} ({format_error(summary['worst_error'])})"
+            if summary["worst_adapter"]
+            else "n/a",
+        ),
+        (
+            "parameters",
+            f"{summary['params_bundle']:,} (originals: {summary['params_original']:,}, ratio {ratio:.2f}×)"
+            if summary["params_bundle"] and summary["params_original"] and ratio
+            else "n/a",
+        ),
+        (
+            "size",
+            f"{_format_bytes(summary['bytes_bundle'])} in {summary['dtype']} "
+            f"(originals: {_format_bytes(summary['bytes_original'])})"
+            if summary["bytes_bundle"]
+            else "n/a",
+        ),
+        (
+            "compression time",
+            f"{summary['seconds']:.1f} s on {summary['device']}" if summary["seconds"] is not None else "n/a",
+        ),
+        ("format version", summary["format_version"]),
+        ("made with", f"peft-jdlora {__version__}"),
+    ]
+    lines += ["", "## Compression", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {name} | {_cell(value)} |" for name, value in settings]
+    verification = summary["verification"]
+    if verification:
+        lines += ["", "## Verification", ""]
+        lines.append("Every adapter's error was computed; the written bundle was reloaded and matched.")
+        check = verification.get("base_model_check")
+        if check and check.get("status") == "ok":
+            lines.append(
+                f"On `{check['base_model']}`, the bundle's logits were compared with the original PEFT LoRA adapters' "
+                f"on {check['tokens']} tokens (relative error of the adapter's effect on the logits):"
+            )
+            lines += ["", "| adapter | logits error |", "|---|---|"]
+            lines += [f"| {_cell(a['name'])} | {format_error(a['effect_error'])} |" for a in check["adapters"]]
+        elif check:
+            lines.append(f"Base model check: {check.get('status')} ({check.get('reason', '')}).")
+    lines += [
+        "",
+        "## About",
+        "",
+        "Made with `jdlora-convert` from peft-jdlora: the JDLORA PEFT tuner, its bundle format and the tools that "
+        "build bundles from collections of LoRA adapters on the Hugging Face Hub. Each adapter's source repo and "
+        "revision are recorded in `adapter_config.json` (`adapter_sources`); the full fidelity report is in "
+        "`jdlora_report.json`.",
+        "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def export_card(config: Any, report: Optional[dict[str, Any]], adapter: str, bundle_ref: str) -> str:
+    """README.md of one adapter exported from a bundle as a plain PEFT LoRA folder."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = config.base_model_name_or_path
+    row = next(r for r in adapter_rows(config, report) if r["name"] == adapter)
+    data = ModelCardData(
+        library_name="peft", base_model=base if is_hub_id(base) else None, tags=["peft", "lora", "jdlora-export"]
+    )
+    auto_class = _AUTO_CLASSES.get(str(config.task_type), "AutoModelForCausalLM")
+    lines = [
+        f"# {adapter}",
+        "",
+        f"Adapter `{adapter}` of the JD-LoRA bundle `{bundle_ref}`, exported as an ordinary PEFT LoRA adapter "
+        f"(rank {config.r} per module, scaling 1: the adapter's scaling is folded into lora_B). It computes exactly "
+        "what the bundle computes for this adapter; its squared relative error to the original adapter is "
+        f"{format_error(row['mean_error'])}.",
+        "",
+        f"Original source: {row['source'] or 'n/a'}" + (f" at revision {row['revision']}" if row["revision"] else ""),
+        "",
+        "```python",
+        "from peft import PeftModel",
+        f"from transformers import {auto_class}",
+        "",
+        f'model = PeftModel.from_pretrained({auto_class}.from_pretrained("{base}"), "path/to/this/folder")',
+        "```",
+        "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))

@@ -1,0 +1,619 @@
+"""What the commands do, as Python functions: convert, add, remove, export, inspect, push.
+
+Every function that writes does so through `atomic_output_dir`: the output folder appears complete (bundle, report,
+model card, all verified) or not at all, and an existing folder is replaced only with `overwrite=True`. Pushing
+happens only after the local bundle was written and verified.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .card import adapter_rows, bundle_card, bundle_summary, export_card
+from .errors import OutputExistsError, SourceError, UsageError, VerificationError
+from .push import PushResult, check_push_target, push_bundle
+from .sources import (
+    DOWNLOAD_PATTERNS,
+    AdapterSource,
+    HubClient,
+    Resolution,
+    file_sha256,
+    parse_source,
+    resolve_sources,
+    weights_file,
+)
+from .verify import base_model_check, check_errors, check_reload, find_base_model
+
+Log = Callable[[str], None]
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class CompressionOptions:
+    """Options passed to `peft_jdlora.compression.compress` (None: the engine's default)."""
+
+    rank: Optional[int] = None
+    sigma: Optional[str] = None
+    clusters: Union[int, str, None] = None
+    target_error: Optional[float] = None
+    method: Optional[str] = None
+    max_iter: Optional[int] = None
+    tol: Optional[float] = None
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    seed: int = 0
+
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"seed": self.seed}
+        for key in ("rank", "sigma", "clusters", "target_error", "method", "max_iter", "tol", "device"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.dtype is not None:
+            import torch
+
+            out["dtype"] = getattr(torch, self.dtype)
+        return out
+
+
+@dataclass
+class VerifyOptions:
+    max_error: Optional[float] = None
+    max_logit_error: Optional[float] = None
+    base_model: Optional[str] = None  # folder or Hub id[@rev]; None: the recorded one, if available locally
+    base_check: bool = True
+    check_adapters: int = 3
+    device: Optional[str] = None
+
+
+@dataclass
+class OutputOptions:
+    out: Path
+    overwrite: bool = False
+    push: Optional[str] = None
+    private: bool = False
+    commit_message: Optional[str] = None
+
+
+@dataclass
+class Result:
+    """What a command did, for the text summary and for --json."""
+
+    command: str
+    out: Optional[str] = None
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    push: Optional[dict[str, Any]] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {
+            "command": self.command,
+            "out": self.out,
+            "summary": self.summary,
+            "adapters": self.adapters,
+            "skipped": self.skipped,
+            "push": self.push,
+        }
+        data.update(self.extra)
+        return data
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _check_output(output: OutputOptions) -> None:
+    """Refuse an existing output folder up front, before any download or compression."""
+    if output.out.exists() and not output.overwrite:
+        raise OutputExistsError(f"{output.out} already exists; pass --overwrite to replace it.")
+    if output.out.exists() and not output.out.is_dir():
+        raise OutputExistsError(f"{output.out} exists and is not a folder; it will not be replaced.")
+    if output.push is not None:
+        check_push_target(output.push)
+
+
+def _read_adapters(sources: Sequence[AdapterSource], progress: bool) -> list[Any]:
+    from tqdm.auto import tqdm
+
+    from peft_jdlora.compression import AdapterReadError, read_lora_adapter
+
+    adapters = []
+    for src in tqdm(sources, desc="Reading adapters", unit="adapter", disable=not progress or len(sources) < 2):
+        try:
+            adapters.append(read_lora_adapter(src.folder, name=src.name, source=dict(src.source)))
+        except AdapterReadError as err:
+            raise SourceError(f"adapter {src.name!r} ({src.label}): {err}") from None
+    return adapters
+
+
+def _fill_sources(bundle: Any, adapters: Sequence[Any]) -> None:
+    """Make sure adapter_sources records each adapter's provenance (source, pinned revision), in bundle order."""
+    by_name = {a.name: a.source for a in adapters}
+    existing = list(bundle.config.adapter_sources or [])
+    if len(existing) != bundle.config.num_adapters:
+        existing = [{} for _ in bundle.config.adapter_names]
+    filled = []
+    for name, entry in zip(bundle.config.adapter_names, existing):
+        merged = dict(entry)
+        for key, value in by_name.get(name, {}).items():
+            merged.setdefault(key, value)
+        filled.append(merged)
+    bundle.config.adapter_sources = filled
+
+
+def _write_verified(
+    bundle: Any,
+    output: OutputOptions,
+    verify: VerifyOptions,
+    *,
+    originals: dict[str, Path],
+    recorded_base: Optional[str],
+    hub: Callable[[], HubClient],
+    log: Log,
+    title: Optional[str] = None,
+) -> dict[str, Any]:
+    """Write the bundle atomically after verifying it; the model card and report are written last, with the
+    verification results. Returns the verification record."""
+    from peft_jdlora.bundle import REPORT_NAME, atomic_output_dir, write_bundle_files
+
+    bundle.report = bundle.report if bundle.report is not None else {}
+    bundle.extra_files.pop("README.md", None)
+    verification: dict[str, Any] = {"errors_checked": True, "reloaded": False}
+    try:
+        with atomic_output_dir(output.out, overwrite=output.overwrite) as tmp:
+            write_bundle_files(bundle, tmp)
+            check_reload(bundle, tmp)
+            verification["reloaded"] = True
+            if verify.base_check and originals:
+                folder, name, reason = find_base_model(verify.base_model, recorded_base, hub)
+                if folder is None:
+                    verification["base_model_check"] = {"status": "skipped", "reason": reason, "base_model": name}
+                    log(f"base model check skipped: {reason}")
+                else:
+                    log(f"checking logits on the base model {name}")
+                    verification["base_model_check"] = base_model_check(
+                        tmp,
+                        bundle,
+                        originals,
+                        folder,
+                        name,
+                        k=verify.check_adapters,
+                        device=verify.device or "cpu",
+                        max_logit_error=verify.max_logit_error,
+                    )
+            elif not verify.base_check:
+                verification["base_model_check"] = {"status": "skipped", "reason": "--no-base-check"}
+            bundle.report["verification"] = verification
+            card = bundle_card(bundle.config, bundle.report, repo_id=output.push, title=title or output.out.name)
+            bundle.extra_files["README.md"] = card
+            (tmp / REPORT_NAME).write_text(json.dumps(bundle.report, indent=2, sort_keys=True, default=str) + "\n")
+            (tmp / "README.md").write_text(card)
+    except FileExistsError as err:
+        raise OutputExistsError(str(err)) from None
+    return verification
+
+
+def _push(output: OutputOptions, log: Log) -> Optional[dict[str, Any]]:
+    if output.push is None:
+        return None
+    log(f"pushing {output.out} to {output.push}")
+    result: PushResult = push_bundle(
+        output.out, output.push, private=output.private, commit_message=output.commit_message, log=log
+    )
+    return {
+        "repo_id": result.repo_id,
+        "commit": result.commit,
+        "url": result.url,
+        "created": result.created,
+        "changed": result.changed,
+    }
+
+
+def _result_rows(bundle: Any) -> list[dict[str, Any]]:
+    return adapter_rows(bundle.config, bundle.report)
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+
+
+def convert(
+    sources: Sequence[str],
+    output: OutputOptions,
+    *,
+    from_hub: Sequence[str] = (),
+    compression: Optional[CompressionOptions] = None,
+    verify: Optional[VerifyOptions] = None,
+    revision: Optional[str] = None,
+    select_base: Optional[str] = None,
+    skip_invalid: bool = False,
+    progress: bool = True,
+    log: Log = lambda message: None,
+) -> Result:
+    """Compress the LoRA adapters named by `sources` (and the Hub ids / globs `from_hub`) into a verified bundle at
+    `output.out` (and push it)."""
+    compression = compression or CompressionOptions()
+    verify = verify or VerifyOptions()
+    if not sources and not from_hub:
+        raise UsageError("no SOURCES given.")
+    specs = [parse_source(s, default_revision=revision) for s in sources]
+    specs += [parse_source(s, default_revision=revision, hub_only=True) for s in from_hub]
+    _check_output(output)
+
+    client_holder: list[HubClient] = []
+
+    def hub() -> HubClient:
+        if not client_holder:
+            client_holder.append(HubClient(progress=progress))
+        return client_holder[0]
+
+    resolution: Resolution = resolve_sources(
+        specs, hub=hub, select_base=select_base, skip_invalid=skip_invalid, log=log
+    )
+    for s in resolution.skipped:
+        log(f"skipped {s.source}: {s.reason}")
+    log(f"{len(resolution.adapters)} adapters of base model {resolution.base_model or '(not recorded)'}")
+
+    from peft_jdlora.compression import AdapterReadError, compress
+
+    sources_kept = list(resolution.adapters)
+    if skip_invalid:
+        adapters, kept = [], []
+        for src in sources_kept:
+            try:
+                adapters.extend(_read_adapters([src], progress=False))
+                kept.append(src)
+            except SourceError as err:
+                resolution.skipped.append(_skipped(src, str(err)))
+                log(f"skipped {src.label}: {err}")
+        sources_kept = kept
+        if not adapters:
+            raise SourceError("every source adapter was skipped (--skip-invalid): nothing to compress.")
+    else:
+        adapters = _read_adapters(sources_kept, progress)
+
+    try:
+        bundle = compress(adapters, progress=progress, **compression.kwargs())
+    except AdapterReadError as err:
+        raise SourceError(str(err)) from None
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"cannot compress with these settings: {err}") from None
+    if bundle is None:  # only on ranks > 0 under torch.distributed, which the CLI does not use
+        raise UsageError("compression returned no bundle: run jdlora-convert as a single process.")
+    _fill_sources(bundle, adapters)
+    if resolution.base_model and not bundle.config.base_model_name_or_path:
+        bundle.config.base_model_name_or_path = resolution.base_model
+
+    check_errors(bundle, adapters, verify.max_error)
+    verification = _write_verified(
+        bundle,
+        output,
+        verify,
+        originals={s.name: s.folder for s in sources_kept},
+        recorded_base=resolution.base_model,
+        hub=hub,
+        log=log,
+    )
+    log(f"wrote {output.out}")
+    pushed = _push(output, log)
+    return Result(
+        command="convert",
+        out=str(output.out),
+        adapters=_result_rows(bundle),
+        skipped=[{"source": s.source, "reason": s.reason} for s in resolution.skipped],
+        summary=bundle_summary(bundle.config, bundle.report),
+        push=pushed,
+        extra={"verification": verification},
+    )
+
+
+def _skipped(src: AdapterSource, reason: str) -> Any:
+    from .sources import Skipped
+
+    return Skipped(src.label, reason)
+
+
+# ---------------------------------------------------------------------------------------------------- reading bundles
+
+
+def open_bundle(ref: str, *, revision: Optional[str] = None, progress: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Load a bundle from a folder or a Hub repo id[@revision] (pinned to its commit sha). Returns (bundle, where)."""
+    from peft_jdlora import BundleFormatError, load_bundle
+
+    path = Path(ref).expanduser()
+    try:
+        if path.exists():
+            return load_bundle(path), {"type": "local", "source": str(path.resolve()), "revision": None}
+        spec = parse_source(ref, default_revision=revision)
+        if spec.kind != "hub":
+            raise SourceError(f"{ref!r} is neither a bundle folder nor a Hub repo id.")
+        client = HubClient(progress=progress)
+        sha, files = client.resolve(spec.location, spec.revision)
+        if "adapter_config.json" not in files:
+            raise SourceError(
+                f"Hub repo {spec.location}@{sha[:10]} is not a PEFT adapter: it has no adapter_config.json."
+            )
+        folder = client.download(spec.location, sha, ["*.json", "*.safetensors", "*.md"])
+        return load_bundle(folder), {"type": "hub", "source": spec.location, "revision": sha}
+    except BundleFormatError as err:
+        raise SourceError(str(err)) from None
+
+
+def inspect(ref: str, *, revision: Optional[str] = None, progress: bool = True) -> Result:
+    bundle, where = open_bundle(ref, revision=revision, progress=progress)
+    summary = bundle_summary(bundle.config, bundle.report)
+    summary["modules"] = len(bundle.modules)
+    summary["parameters"] = sum(f.U.numel() + f.V.numel() + f.sigma.numel() for f in bundle.modules.values())
+    summary["tensor_dtype"] = str(next(iter(bundle.modules.values())).U.dtype).removeprefix("torch.")
+    return Result(command="inspect", out=None, adapters=_result_rows(bundle), summary=summary, extra={"bundle": where})
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def _safe_folder_name(name: str) -> str:
+    """A folder name for an adapter name (names may hold '/', from org/name sources)."""
+    return name.replace("/", "--").replace("\\", "--").strip(".") or "adapter"
+
+
+def export(
+    ref: str,
+    adapters: Sequence[str],
+    out: Path,
+    *,
+    all_adapters: bool = False,
+    overwrite: bool = False,
+    revision: Optional[str] = None,
+    progress: bool = True,
+    log: Log = lambda message: None,
+) -> Result:
+    """Write one adapter (`out` is the LoRA folder) or several / all (`out/<name>/` each) as PEFT LoRA folders."""
+    from tqdm.auto import tqdm
+
+    from peft_jdlora.bundle import atomic_output_dir, export_lora
+
+    if bool(adapters) == all_adapters:
+        raise UsageError("name the adapters to export with --adapter NAME (repeatable), or pass --all.")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it.")
+    bundle, where = open_bundle(ref, revision=revision, progress=progress)
+    names = list(bundle.config.adapter_names) if all_adapters else list(adapters)
+    resolved = []
+    for name in names:
+        try:
+            slot = bundle.config.resolve_adapter(int(name) if isinstance(name, str) and name.isdigit() else name)
+        except (KeyError, IndexError) as err:
+            raise SourceError(str(err.args[0]) if err.args else str(err)) from None
+        resolved.append(bundle.config.adapter_names[slot])
+    single = len(resolved) == 1 and not all_adapters
+    bundle_ref = where["source"] if where["type"] == "local" else f"{where['source']}@{where['revision'][:10]}"
+    written = []
+    try:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            for name in tqdm(resolved, desc="Exporting", unit="adapter", disable=not progress or single):
+                target = tmp / "adapter" if single else tmp / _safe_folder_name(name)
+                if target.exists():
+                    raise UsageError(f"two adapters map to the folder name {target.name!r}.")
+                export_lora(bundle, name, target)
+                (target / "README.md").write_text(export_card(bundle.config, bundle.report, name, bundle_ref))
+                written.append({"name": name, "folder": str(out if single else out / target.name)})
+            if single:
+                for item in (tmp / "adapter").iterdir():
+                    item.replace(tmp / item.name)
+                shutil.rmtree(tmp / "adapter")
+    except FileExistsError as err:
+        raise OutputExistsError(str(err)) from None
+    log(f"exported {len(written)} adapter(s) to {out}")
+    rows = [r for r in _result_rows(bundle) if r["name"] in resolved]
+    for row, item in zip(rows, sorted(written, key=lambda w: resolved.index(w["name"]))):
+        row["folder"] = item["folder"]
+    return Result(command="export", out=str(out), adapters=rows, extra={"bundle": where})
+
+
+# ---------------------------------------------------------------------------------------------------- add / remove
+
+
+def _original_sources(bundle: Any, hub: Callable[[], HubClient]) -> list[AdapterSource]:
+    """The bundle's own source adapters, from adapter_sources at their recorded revisions (for --refit)."""
+    from .sources import SourceSpec
+
+    out = []
+    entries = bundle.config.adapter_sources or []
+    if len(entries) != bundle.config.num_adapters:
+        raise SourceError("the bundle records no adapter_sources, so its adapters cannot be re-read for --refit.")
+    for name, entry in zip(bundle.config.adapter_names, entries):
+        where = entry.get("source")
+        kind = entry.get("type") or ("local" if where and Path(where).is_dir() else "hub")
+        if not where:
+            raise SourceError(f"adapter {name!r} has no recorded source, so it cannot be re-read for --refit.")
+        if kind == "local":
+            folder = Path(where)
+            weights = weights_file(folder) if folder.is_dir() else None
+            if weights is None:
+                raise SourceError(f"source of adapter {name!r} ({where}) is gone: it cannot be re-read for --refit.")
+            if entry.get("sha256") and file_sha256(weights) != entry["sha256"]:
+                raise SourceError(
+                    f"source of adapter {name!r} ({where}) changed since the bundle was built; refusing to --refit "
+                    "from different weights (remove and re-add it instead)."
+                )
+        else:
+            if not entry.get("revision"):
+                raise SourceError(f"adapter {name!r} ({where}) has no pinned revision; cannot --refit it exactly.")
+            folder = hub().download(where, entry["revision"], DOWNLOAD_PATTERNS)
+        spec = SourceSpec(where, "local" if kind == "local" else "hub", where, entry.get("revision"), name)
+        out.append(
+            AdapterSource(name=name, config={}, source=dict(entry), spec=spec, folder=folder, explicit_name=True)
+        )
+    return out
+
+
+def add(
+    ref: str,
+    sources: Sequence[str],
+    output: OutputOptions,
+    *,
+    refit: bool = False,
+    compression: Optional[CompressionOptions] = None,
+    verify: Optional[VerifyOptions] = None,
+    revision: Optional[str] = None,
+    progress: bool = True,
+    log: Log = lambda message: None,
+) -> Result:
+    """Add adapters to a bundle by projection into its bases (or, with `refit`, by compressing everything again)."""
+    verify = verify or VerifyOptions()
+    if not sources:
+        raise UsageError("no SOURCES given.")
+    specs = [parse_source(s, default_revision=revision) for s in sources]
+    _check_output(output)
+    bundle, where = open_bundle(ref, progress=progress)
+    base = bundle.config.base_model_name_or_path
+
+    client_holder: list[HubClient] = []
+
+    def hub() -> HubClient:
+        if not client_holder:
+            client_holder.append(HubClient(progress=progress))
+        return client_holder[0]
+
+    resolution = resolve_sources(specs, hub=hub, log=log)
+    for s in resolution.skipped:
+        log(f"skipped {s.source}: {s.reason}")
+    if base and resolution.base_model and resolution.base_model != base:
+        raise SourceError(
+            f"the new adapters are for base model {resolution.base_model!r}, the bundle for {base!r}: a bundle holds "
+            "adapters of one base model."
+        )
+    clashes = [s.name for s in resolution.adapters if s.name in bundle.config.adapter_names]
+    if clashes:
+        raise SourceError(
+            f"the bundle already holds adapters named {clashes}: remove them first (`jdlora remove`) or give the new "
+            "ones other names with NAME=SOURCE."
+        )
+    new_adapters = _read_adapters(resolution.adapters, progress)
+
+    from peft_jdlora.compression import AdapterReadError, compress, project
+
+    try:
+        if refit:
+            old_sources = _original_sources(bundle, hub)
+            old_adapters = _read_adapters(old_sources, progress)
+            settings = _bundle_settings(bundle)
+            settings.update({k: v for k, v in (compression or CompressionOptions()).kwargs().items() if v is not None})
+            new_bundle = compress(old_adapters + new_adapters, progress=progress, **settings)
+            _fill_sources(new_bundle, old_adapters + new_adapters)
+            originals = {s.name: s.folder for s in old_sources + resolution.adapters}
+        else:
+            new_bundle = project(bundle, new_adapters, progress=progress)
+            _fill_sources(new_bundle, new_adapters)
+            originals = {s.name: s.folder for s in resolution.adapters}
+    except AdapterReadError as err:
+        raise SourceError(str(err)) from None
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"cannot add these adapters: {err}") from None
+
+    check_errors(new_bundle, new_adapters, verify.max_error)
+    verification = _write_verified(
+        new_bundle, output, verify, originals=originals, recorded_base=base, hub=hub, log=log
+    )
+    log(f"wrote {output.out} ({len(new_adapters)} adapters added{' with a refit' if refit else ' by projection'})")
+    pushed = _push(output, log)
+    return Result(
+        command="add",
+        out=str(output.out),
+        adapters=_result_rows(new_bundle),
+        skipped=[{"source": s.source, "reason": s.reason} for s in resolution.skipped],
+        summary=bundle_summary(new_bundle.config, new_bundle.report),
+        push=pushed,
+        extra={"verification": verification, "added": [a.name for a in new_adapters], "refit": refit, "bundle": where},
+    )
+
+
+def _bundle_settings(bundle: Any) -> dict[str, Any]:
+    """compress() settings that reproduce a bundle's shape (for --refit): the rank asked for (the engine may have
+    capped it per module), Σ type, method, and the number of clusters it ended with."""
+    report = bundle.report or {}
+    method = "svd" if report.get("method") == "svd" else "jd"
+    settings: dict[str, Any] = {"rank": int(report.get("rank") or bundle.config.r), "method": method}
+    if method == "jd":  # per-adapter SVD has one basis per adapter and a diagonal core by construction
+        settings["sigma"] = bundle.config.sigma_type
+        settings["clusters"] = bundle.config.num_clusters
+    return settings
+
+
+def remove(
+    ref: str,
+    names: Sequence[str],
+    output: OutputOptions,
+    *,
+    progress: bool = True,
+    log: Log = lambda message: None,
+) -> Result:
+    """Drop adapters from a bundle (the shared bases stay as they are)."""
+    if not names:
+        raise UsageError("name the adapters to remove.")
+    _check_output(output)
+    bundle, where = open_bundle(ref, progress=progress)
+    missing = [n for n in names if n not in bundle.config.adapter_names]
+    if missing:
+        raise SourceError(
+            f"the bundle holds no adapters named {missing} (it holds {len(bundle.config.adapter_names)}: "
+            "see `jdlora inspect`)."
+        )
+    if len(set(names)) >= bundle.config.num_adapters:
+        raise UsageError("cannot remove every adapter of a bundle.")
+    from peft_jdlora.compression import remove as remove_adapters
+
+    new_bundle = remove_adapters(bundle, list(names))
+    verification = _write_verified(
+        new_bundle,
+        output,
+        VerifyOptions(base_check=False),
+        originals={},
+        recorded_base=new_bundle.config.base_model_name_or_path,
+        hub=lambda: HubClient(progress=progress),
+        log=log,
+    )
+    log(f"wrote {output.out} ({len(names)} adapters removed)")
+    pushed = _push(output, log)
+    return Result(
+        command="remove",
+        out=str(output.out),
+        adapters=_result_rows(new_bundle),
+        summary=bundle_summary(new_bundle.config, new_bundle.report),
+        push=pushed,
+        extra={"verification": verification, "removed": list(names), "bundle": where},
+    )
+
+
+def push(
+    folder: Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    commit_message: Optional[str] = None,
+    log: Log = lambda m: None,
+) -> Result:
+    """Push an existing bundle folder (e.g. after a failed push) as one commit, after checking it loads."""
+    from peft_jdlora import BundleFormatError, load_bundle
+
+    check_push_target(repo_id)
+    try:
+        bundle = load_bundle(folder)
+    except BundleFormatError as err:
+        raise SourceError(str(err)) from None
+    if not (folder / "README.md").is_file():
+        raise VerificationError(f"{folder} has no README.md model card: write bundles with jdlora-convert.")
+    output = OutputOptions(out=folder, push=repo_id, private=private, commit_message=commit_message)
+    pushed = _push(output, log)
+    return Result(
+        command="push",
+        out=str(folder),
+        adapters=_result_rows(bundle),
+        summary=bundle_summary(bundle.config, bundle.report),
+        push=pushed,
+    )

@@ -1,0 +1,287 @@
+"""The commands on local folders, run in-process through `jdlora_hub.cli.main`: convert, inspect, export, add
+(projection and refit), remove, their round trips through PEFT's own LoRA, exit codes, help texts and source parsing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+from huggingface_hub import ModelCard
+from jdlora_hub.cli import build_convert_parser, build_parser, convert_main, main
+from jdlora_hub.errors import ExitCode, SourceError
+from jdlora_hub.sources import glob_prefix, parse_source, resolve_sources
+from jdlora_hub.testing.adapters import make_lora_adapter, save_base_model
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from peft_jdlora import load_bundle
+
+IDS = torch.tensor([[5, 17, 33, 2, 90, 11], [7, 7, 64, 120, 3, 9], [44, 1, 8, 100, 21, 6]])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_process_state():
+    """The commands run in this process: undo what --quiet / --offline switch on for a CLI process."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    environ, bars_disabled = dict(os.environ), are_progress_bars_disabled()
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    if not bars_disabled:
+        enable_progress_bars()
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_local")
+    base = tiny_llama()
+    save_base_model(base, root / "base")
+    # The adapters record the base model as a local folder: the logits check finds it without --base-model.
+    for name, seed, r in (("a", 11, 4), ("b", 12, 4), ("c", 13, 2), ("e", 14, 4)):
+        make_lora_adapter(base, root / "adapters" / name, seed=seed, r=r, base_model_name=str(root / "base"))
+    shutil.copytree(root / "adapters" / "a", root / "adapters" / "d")  # the same weights as a, under another name
+    return root
+
+
+def run_json(capsys, *argv: str) -> dict:
+    code = main([*argv, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def bundle_logits(folder: Path, root: Path, adapter_ids: list) -> torch.Tensor:
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), str(folder)).eval()
+    with torch.no_grad():
+        return model(input_ids=IDS[: len(adapter_ids)], adapter_ids=adapter_ids).logits
+
+
+def lora_logits(folder: Path, root: Path, rows: slice) -> torch.Tensor:
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), str(folder)).eval()
+    with torch.no_grad():
+        return model(input_ids=IDS[rows]).logits
+
+
+@pytest.fixture(scope="module")
+def bundle(local):
+    """a, b, c compressed at rank 10 = 4 + 4 + 2 (exact)."""
+    out = local / "bundle"
+    adapters = [str(local / "adapters" / n) for n in "abc"]
+    assert main(["convert", *adapters, "--out", str(out), "--rank", "10", "--quiet"]) == 0
+    return out
+
+
+def test_convert_local_folders_verifies_on_the_recorded_base(local, bundle, capsys):
+    data = run_json(capsys, "inspect", str(bundle))
+    assert [(a["name"], a["source"], a["revision"]) for a in data["adapters"]] == [
+        (n, str(local / "adapters" / n), None) for n in "abc"
+    ]
+    assert all(a["mean_error"] < 1e-6 for a in data["adapters"])
+    check = data["summary"]["verification"]["base_model_check"]
+    assert check["status"] == "ok" and check["base_model"] == str(local / "base") and check["max_effect_error"] < 1e-3
+    config = json.loads((bundle / "adapter_config.json").read_text())
+    assert all(len(s["sha256"]) == 64 for s in config["adapter_sources"])  # local sources: the weights' hash
+    card = ModelCard.load(bundle / "README.md")
+    assert card.data.library_name == "peft" and card.data.base_model is None  # a local path is not Hub metadata
+    assert str(local / "base") in card.text
+
+    assert main(["inspect", str(bundle)]) == 0
+    text = capsys.readouterr().out
+    assert "base model:    " + str(local / "base") in text
+    assert [line.split()[1] for line in text.splitlines() if line.strip()[:1].isdigit()] == ["a", "b", "c"]
+
+
+def test_export_one_and_all_round_trip_through_peft_lora(local, bundle, capsys):
+    out = local / "export-b"
+    data = run_json(capsys, "export", str(bundle), "--adapter", "b", "--out", str(out))
+    assert data["adapters"][0]["name"] == "b" and data["adapters"][0]["folder"] == str(out)
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert "Adapter `b` of the JD-LoRA bundle" in (out / "README.md").read_text()
+    expected = bundle_logits(bundle, local, ["a", "b"])[1:2]
+    torch.testing.assert_close(lora_logits(out, local, slice(1, 2)), expected, rtol=1e-5, atol=1e-5)
+
+    everything = local / "export-all"
+    data = run_json(capsys, "export", str(bundle), "--all", "--out", str(everything))
+    assert sorted(p.name for p in everything.iterdir()) == ["a", "b", "c"]
+    torch.testing.assert_close(lora_logits(everything / "b", local, slice(1, 2)), expected, rtol=1e-5, atol=1e-5)
+
+    assert main(["export", str(bundle), "--adapter", "b", "--out", str(out)]) == ExitCode.OUTPUT_EXISTS
+    assert main(["export", str(bundle), "--adapter", "zz", "--out", str(local / "x")]) == ExitCode.INPUT
+    assert "no adapter named 'zz'" in capsys.readouterr().err
+    assert not (local / "x").exists()
+
+
+def test_add_by_projection_keeps_the_bundle_and_places_the_new_adapter(local, bundle, capsys):
+    out = local / "bundle-plus-d"
+    data = run_json(capsys, "add", str(bundle), str(local / "adapters" / "d"), "--out", str(out))
+    assert [a["name"] for a in data["adapters"]] == ["a", "b", "c", "d"] and data["added"] == ["d"]
+    assert data["adapters"][3]["mean_error"] < 1e-6  # d = a lies in the basis
+    assert load_bundle(out).report["per_adapter"]["d"]["projected"]
+    before = bundle_logits(bundle, local, ["a", "b", "c"])
+    after = bundle_logits(out, local, ["a", "b", "c"])
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)  # projection leaves the others alone
+    torch.testing.assert_close(bundle_logits(out, local, ["d"]), before[:1], rtol=1e-5, atol=1e-5)
+
+    clash = main(["add", str(bundle), "a=" + str(local / "adapters" / "e"), "--out", str(local / "clash")])
+    assert clash == ExitCode.INPUT and "already holds adapters named ['a']" in capsys.readouterr().err
+    assert not (local / "clash").exists()
+
+
+def test_add_with_refit_recompresses_from_the_recorded_sources(local, bundle, capsys):
+    out = local / "bundle-refit"
+    data = run_json(
+        capsys, "add", str(bundle), str(local / "adapters" / "e"), "--refit", "--rank", "14", "--out", str(out)
+    )
+    assert [a["name"] for a in data["adapters"]] == ["a", "b", "c", "e"] and data["refit"]
+    assert all(a["mean_error"] < 1e-6 for a in data["adapters"])  # 14 = 4 + 4 + 2 + 4
+    assert data["verification"]["base_model_check"]["status"] == "ok"
+    assert load_bundle(out).config.adapter_sources[3]["source"] == str(local / "adapters" / "e")
+
+
+def test_remove_drops_adapters_and_keeps_the_others_exact(local, bundle, capsys):
+    out = local / "bundle-minus-b"
+    data = run_json(capsys, "remove", str(bundle), "b", "--out", str(out))
+    assert [a["name"] for a in data["adapters"]] == ["a", "c"] and data["removed"] == ["b"]
+    kept = bundle_logits(bundle, local, ["a", "b", "c"])
+    after = bundle_logits(out, local, ["a", None, "c"])
+    torch.testing.assert_close(after[[0, 2]], kept[[0, 2]], rtol=0, atol=1e-6)
+    assert "b" not in load_bundle(out).report["per_adapter"]
+
+    in_place = shutil.copytree(bundle, local / "in-place")
+    assert main(["remove", str(in_place), "c", "--in-place", "--quiet"]) == 0
+    assert load_bundle(in_place).config.adapter_names == ["a", "b"]
+    assert "| c |" not in (in_place / "README.md").read_text()  # the card was refreshed
+
+    assert main(["remove", str(bundle), "zz", "--out", str(local / "y")]) == ExitCode.INPUT
+    assert main(["remove", str(bundle), "a", "b", "c", "--out", str(local / "y")]) == ExitCode.USAGE
+    assert not (local / "y").exists()
+
+
+def test_logits_check_failure_writes_nothing(local, capsys):
+    out = local / "strict"
+    adapters = [str(local / "adapters" / n) for n in "ab"]
+    code = main(["convert", *adapters, "--out", str(out), "--rank", "8", "--max-logit-error", "1e-12", "--json"])
+    captured = capsys.readouterr()
+    assert code == ExitCode.VERIFICATION
+    assert json.loads(captured.out)["exit_code"] == ExitCode.VERIFICATION
+    assert "--max-logit-error" in captured.err and "Traceback" not in captured.err
+    assert not out.exists() and not [p for p in local.iterdir() if p.name.startswith(".strict")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["convert", "./a", "--out", "o", "--clusters", "auto"], "--clusters auto chooses"),
+        (["convert", "./a", "--out", "o", "--target-error", "0.1"], "--target-error is used with --clusters auto"),
+        (["convert", "org/a", "--out", "o", "--push", "not a repo"], "--push expects a Hub repo id"),
+        (["remove", "org/bundle", "a", "--in-place"], "--in-place needs a local bundle folder"),
+        (["export", "bundle", "--out", "o"], "--adapter NAME"),
+    ],
+)
+def test_usage_errors(argv, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    assert main(argv) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_missing_local_source(tmp_path, capsys):
+    assert convert_main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == ExitCode.INPUT
+    assert capsys.readouterr().err.strip() == f"jdlora-convert: error: local folder {tmp_path / 'nope'} does not exist."
+
+
+def test_help_texts_and_console_scripts(capsys):
+    for argv in (["--help"], ["convert", "--help"], ["inspect", "--help"], ["export", "--help"], ["add", "--help"],
+                 ["remove", "--help"], ["push", "--help"]):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--rank", "--sigma", "--clusters", "--max-error", "--base-model", "--push", "--refit", "--all"):
+        assert option in text
+    assert "exit codes: 0 ok" in build_convert_parser().format_help()
+    overview = build_parser().format_help()
+    assert all(f"    {command}" in overview for command in ("convert", "inspect", "export", "add", "remove", "push"))
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts["jdlora-convert"] == "jdlora_hub.cli:convert_main"
+    assert scripts["jdlora"] == "jdlora_hub.cli:main"
+
+
+def test_source_parsing_and_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert parse_source("org/task-a@v2").kind == "hub" and parse_source("org/task-a@v2").revision == "v2"
+    assert parse_source("org/task-*", default_revision="dev").kind == "glob"
+    assert parse_source("org/task-*", default_revision="dev").revision == "dev"
+    assert parse_source("sql=org/sql-lora").name == "sql"
+    assert glob_prefix("task-[ab]*") == "task-"
+    for bad, fragment in (
+        ("*/x", "only the repo name"),
+        ("lonely", "needs its organisation"),
+        ("./gone", "does not exist"),
+    ):
+        with pytest.raises(SourceError, match=fragment):
+            parse_source(bad)
+
+    base = tiny_llama()
+    for run in ("x", "y"):  # two folders both called "final"
+        make_lora_adapter(base, tmp_path / run / "final", seed=1, base_model_name="base")
+    resolution = resolve_sources([parse_source("x/final"), parse_source("y/final"), parse_source("z=x/final")])
+    assert [a.name for a in resolution.adapters] == ["x/final", "y/final"]
+    assert resolution.skipped[0].reason.startswith("the same adapter as 'x/final'")
+
+
+def test_base_model_selection_and_skipping_invalid_adapters(tmp_path, capsys):
+    base = tiny_llama()
+    make_lora_adapter(base, tmp_path / "one", seed=1, base_model_name="org/base")
+    make_lora_adapter(base, tmp_path / "two", seed=2, base_model_name="org/other")
+    make_lora_adapter(base, tmp_path / "dora", seed=3, base_model_name="org/base", use_dora=True)
+    specs = [parse_source(str(tmp_path / n)) for n in ("one", "two")]
+    with pytest.raises(SourceError, match="2 different base models"):
+        resolve_sources(specs)
+    kept = resolve_sources(specs, select_base="org/base")
+    assert [a.name for a in kept.adapters] == ["one"] and kept.base_model == "org/base"
+    assert kept.skipped[0].reason == "base model 'org/other', not 'org/base'"
+
+    shutil.copytree(tmp_path / "one", tmp_path / "broken")
+    (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    argv = [str(tmp_path / n) for n in ("one", "dora", "broken")] + ["--out", str(tmp_path / "b"), "--rank", "4"]
+    assert convert_main(argv) == ExitCode.INPUT
+    assert "DoRA" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert convert_main([*argv, "--skip-invalid", "--json", "--no-base-check"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [a["name"] for a in data["adapters"]] == ["one"]
+    reasons = {s["source"]: s["reason"] for s in data["skipped"]}
+    assert reasons[str(tmp_path / "dora")].startswith("it is a DoRA adapter")
+    assert "cannot be read" in reasons[str(tmp_path / "broken")]
+
+
+def test_verification_steps(local, tmp_path):
+    from jdlora_hub.errors import VerificationError
+    from jdlora_hub.verify import check_errors, check_reload
+
+    from peft_jdlora.bundle import write_bundle_files
+    from peft_jdlora.compression import compress, read_lora_adapter
+
+    adapters = [read_lora_adapter(local / "adapters" / n) for n in "ab"]
+    bundle = compress(adapters, rank=2, progress=False)
+    engine_errors = {n: bundle.report["per_adapter"][n]["mean_error"] for n in "ab"}
+    bundle.report["per_adapter"].clear()  # errors missing: they are computed with evaluate()
+    assert check_errors(bundle, adapters, max_error=None) == pytest.approx(engine_errors, rel=1e-6)
+    assert bundle.report["overall"]["worst_adapter"] == max(engine_errors, key=engine_errors.get)
+    with pytest.raises(VerificationError, match="exceed --max-error"):
+        check_errors(bundle, adapters, max_error=min(engine_errors.values()) / 2)
+
+    write_bundle_files(bundle, tmp_path)
+    check_reload(bundle, tmp_path)
+    bundle.modules[next(iter(bundle.modules))].sigma[0] += 1.0  # what was computed is not what was written
+    with pytest.raises(VerificationError, match="reads back with different sigma"):
+        check_reload(bundle, tmp_path)

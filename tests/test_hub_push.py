@@ -1,0 +1,135 @@
+"""Pushing and reading bundles on a local Hub-compatible server, in-process (huggingface_hub pointed at the server by
+patching its endpoint constants): one-commit pushes, rollback of a repo created for a failed push, stale files,
+push preconditions, `jdlora push` and `jdlora inspect` of a Hub bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import random_bundle, tiny_llama
+from huggingface_hub import constants
+from jdlora_hub.cli import main
+from jdlora_hub.errors import ExitCode, HubOperationError, UsageError
+from jdlora_hub.pipeline import OutputOptions, VerifyOptions, _write_verified
+from jdlora_hub.push import check_push_target, push_bundle
+from jdlora_hub.sources import HubClient
+from jdlora_hub.testing import LocalHub
+
+TOKEN = "hf_in_process_token_456"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LocalHub(tmp_path_factory.mktemp("push-hub"), token=TOKEN, orgs=("org",)) as hub:
+        yield hub
+
+
+@pytest.fixture
+def hub(server, monkeypatch, tmp_path):
+    """The server, with huggingface_hub in this process talking to it (and caching under tmp_path)."""
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    server.clear_failures()
+    return server
+
+
+@pytest.fixture(scope="module")
+def bundle_folder(tmp_path_factory):
+    """A bundle folder written the way the commands write one (files, report, model card)."""
+    bundle = random_bundle(tiny_llama(), num_adapters=3, r=4)
+    bundle.report = {"method": "jd-full", "per_adapter": {n: {"mean_error": 0.01} for n in bundle.config.adapter_names}}
+    out = tmp_path_factory.mktemp("push-bundle") / "bundle"
+    _write_verified(
+        bundle,
+        OutputOptions(out=out),
+        VerifyOptions(base_check=False),
+        originals={},
+        recorded_base=None,
+        hub=HubClient,
+        log=lambda m: None,
+    )
+    return out
+
+
+def test_push_creates_the_repo_and_makes_one_commit(hub, bundle_folder):
+    result = push_bundle(bundle_folder, "org/fresh")
+    assert result.created and result.commit == hub.head("org/fresh")
+    assert len(hub.commit_history("org/fresh")) == 2  # the repo's creation, then the whole bundle at once
+    files = hub.repo_files("org/fresh")
+    assert set(files) == {
+        ".gitattributes",
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "jdlora_report.json",
+    }
+    assert files["adapter_model.safetensors"] == (bundle_folder / "adapter_model.safetensors").read_bytes()
+
+
+def test_push_replaces_stale_bundle_files_and_keeps_others(hub, bundle_folder):
+    hub.create_repo("org/stale")
+    hub.commit_files("org/stale", {"adapter_model.bin": b"old weights", "notes.txt": b"keep me"})
+    push_bundle(bundle_folder, "org/stale")
+    files = hub.repo_files("org/stale")
+    assert "adapter_model.bin" not in files  # would shadow nothing, but confuses loaders and readers
+    assert files["notes.txt"] == b"keep me"
+    assert len(hub.commit_history("org/stale")) == 3
+
+
+def test_failed_push_to_a_new_repo_deletes_it_again(hub, bundle_folder):
+    hub.fail_next("commit", status=500, repo_id="org/never")
+    with pytest.raises(HubOperationError, match="the repo created for this push was deleted again") as err:
+        push_bundle(bundle_folder, "org/never")
+    assert err.value.exit_code == ExitCode.HUB
+    assert hub.head("org/never") is None
+
+
+def test_failed_push_to_an_existing_repo_leaves_it_unchanged(hub, bundle_folder, tmp_path):
+    push_bundle(bundle_folder, "org/kept")
+    head, files = hub.head("org/kept"), hub.repo_files("org/kept")
+    assert push_bundle(bundle_folder, "org/kept").commit == head  # same files: nothing to commit
+    changed = shutil.copytree(bundle_folder, tmp_path / "changed")
+    (changed / "README.md").write_text((changed / "README.md").read_text() + "\nA new line.\n")
+    hub.fail_next("commit", status=503, repo_id="org/kept")
+    with pytest.raises(HubOperationError, match=r"HTTP 503.*org/kept is unchanged"):
+        push_bundle(changed, "org/kept")
+    assert hub.head("org/kept") == head and hub.repo_files("org/kept") == files
+
+
+def test_push_preconditions(hub, monkeypatch):
+    with pytest.raises(UsageError, match="ORG/NAME"):
+        check_push_target("not a repo id")
+    with pytest.raises(UsageError, match="cannot write to 'someone-else'"):
+        check_push_target("someone-else/bundle")
+    check_push_target("org/bundle")
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", "/nonexistent/token")
+    with pytest.raises(UsageError, match="needs a Hugging Face token"):
+        check_push_target("org/bundle")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError, match="HF_HUB_OFFLINE"):
+        check_push_target("org/bundle")
+
+
+def test_jdlora_push_and_inspect_a_hub_bundle(hub, bundle_folder, capsys):
+    assert main(["push", str(bundle_folder), "org/inspected", "--json"]) == 0
+    pushed = json.loads(capsys.readouterr().out)["push"]
+    assert pushed["commit"] == hub.head("org/inspected") and pushed["created"]
+
+    assert main(["inspect", "org/inspected", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["bundle"] == {"type": "hub", "source": "org/inspected", "revision": hub.head("org/inspected")}
+    assert [a["name"] for a in data["adapters"]] == ["task_00", "task_01", "task_02"]
+    assert data["summary"]["rank"] == 4 and data["summary"]["modules"] == 4
+
+    assert main(["inspect", "org/missing-bundle"]) == ExitCode.INPUT
+    assert "Hub repo org/missing-bundle does not exist" in capsys.readouterr().err
+    assert main(["inspect", "org/inspected@no-such-branch"]) == ExitCode.INPUT
+    assert "revision 'no-such-branch' does not exist" in capsys.readouterr().err
