@@ -73,17 +73,18 @@ class Bundle:
         for module, f in self.modules.items():
             r = self.config.rank_for(module)
             c = self.config.num_clusters_for(module)
+            sigma_type = self.config.sigma_for(module)
             d_out, d_in = f.U.shape[1], f.V.shape[2]
             expected = {
                 "jd_U": (c, d_out, r),
                 "jd_V": (c, r, d_in),
-                "jd_sigma": (n, r, r) if self.config.sigma_type == "full" else (n, r),
+                "jd_sigma": (n, r, r) if sigma_type == "full" else (n, r),
             }
             for name, tensor in zip(FACTOR_NAMES, (f.U, f.V, f.sigma)):
                 if tuple(tensor.shape) != expected[name]:
                     raise BundleFormatError(
                         f"module {module!r}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                        f"{expected[name]} (rank {r}, {c} clusters, {n} adapters, sigma_type {self.config.sigma_type})."
+                        f"{expected[name]} (rank {r}, {c} clusters, {n} adapters, sigma_type {sigma_type})."
                     )
                 if not torch.isfinite(tensor).all():
                     raise BundleFormatError(f"module {module!r}: {name} holds NaN or inf values.")

@@ -31,6 +31,8 @@ class JDLoraConfig(PeftConfig):
         r: rank of the shared basis for modules not listed in `rank_pattern`.
         rank_pattern: per-module rank overrides, `{module_name: r}`; keys are full module names or suffixes.
         sigma_type: `"full"` (Σ_i is r×r) or `"diag"` (Σ_i is a vector of r numbers).
+        sigma_pattern: per-module Σ type overrides, `{module_name: "full" | "diag"}` (budget plans mix them: a
+            module stored as per-adapter SVD is a singleton cluster per adapter with a diagonal Σ).
         num_clusters: number of shared bases per module for modules not listed in `cluster_pattern`.
         adapter_names: names of the N adapters, in bundle order (index i of Σ).
         adapter_clusters: cluster of each adapter (length N, values in [0, num_clusters)).
@@ -52,6 +54,10 @@ class JDLoraConfig(PeftConfig):
     )
     sigma_type: Literal["full", "diag"] = field(
         default="full", metadata={"help": "'full': Σ_i is r×r per adapter; 'diag': Σ_i is a vector of r numbers."}
+    )
+    sigma_pattern: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "Per-module Σ type overrides: {module name or suffix: 'full' | 'diag'}."},
     )
     num_clusters: int = field(default=1, metadata={"help": "Shared bases (clusters) per module, by default."})
     adapter_names: list[str] = field(
@@ -112,6 +118,9 @@ class JDLoraConfig(PeftConfig):
             )
         if self.sigma_type not in SIGMA_TYPES:
             raise BundleFormatError(f"sigma_type must be one of {SIGMA_TYPES}, got {self.sigma_type!r}.")
+        bad_sigma = {m: t for m, t in self.sigma_pattern.items() if t not in SIGMA_TYPES}
+        if bad_sigma:
+            raise BundleFormatError(f"sigma_pattern values must be one of {SIGMA_TYPES}, got {bad_sigma}.")
         if self.r < 1 or any(r < 1 for r in self.rank_pattern.values()):
             raise BundleFormatError(f"ranks must be >= 1 (r={self.r}, rank_pattern={self.rank_pattern}).")
         if self.num_clusters < 1:
@@ -176,6 +185,10 @@ class JDLoraConfig(PeftConfig):
 
     def rank_for(self, module_name: str) -> int:
         return int(self._pattern_value(self.rank_pattern, module_name, self.r))
+
+    def sigma_for(self, module_name: str) -> str:
+        """Σ type ("full" or "diag") at `module_name`."""
+        return str(self._pattern_value(self.sigma_pattern, module_name, self.sigma_type))
 
     def clusters_for(self, module_name: str) -> list[int]:
         """Cluster of each adapter at `module_name` (length N)."""

@@ -56,7 +56,7 @@ class JDLoraModel(BaseTuner):
         self.jd_batch.set_default(adapter_name, config.resolve_adapter(config.default_adapter))
         layer_args = {
             "r": config.rank_for(current_key),
-            "sigma_type": config.sigma_type,
+            "sigma_type": config.sigma_for(current_key),
             "adapter_cluster": config.clusters_for(current_key),
             "num_clusters": config.num_clusters_for(current_key),
             "init_weights": config.init_weights,

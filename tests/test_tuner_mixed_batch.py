@@ -300,3 +300,30 @@ def test_use_adapter_ids_with_transformers_load_adapter(tmp_path):
             ours = model(input_ids).logits
         expected = reference_model(input_ids=input_ids, adapter_ids=["task_02", None, 0]).logits
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_per_module_rank_sigma_and_clusters_plan_matches_peft_lora(tmp_path):
+    # The shapes a budget plan produces: ranks, Σ types and cluster assignments differing per module, including
+    # a module stored as per-adapter SVD (a singleton cluster per adapter with a diagonal Σ).
+    from peft_jdlora.bundle import ModuleFactors
+
+    bundle = random_bundle(
+        tiny_llama(), num_adapters=4, r=4, num_clusters=2, rank_pattern={"layers.1.self_attn.v_proj": 2}
+    )
+    singleton = "model.layers.0.self_attn.v_proj"
+    bundle.config.sigma_pattern = {singleton: "diag"}
+    bundle.config.cluster_pattern = {singleton: [0, 1, 2, 3]}
+    gen = torch.Generator().manual_seed(5)
+    d_out, d_in = bundle.modules[singleton].shape
+    U = torch.linalg.qr(torch.randn(4, d_out, 4, generator=gen))[0]
+    V = torch.linalg.qr(torch.randn(4, d_in, 4, generator=gen))[0].transpose(1, 2)
+    bundle.modules[singleton] = ModuleFactors(U.contiguous(), V.contiguous(), torch.randn(4, 4, generator=gen))
+    model = load_jd(tiny_llama, bundle, tmp_path)
+    layer = model.get_base_model().model.layers[0].self_attn.v_proj
+    assert layer.jd_sigma["default"].shape == (4, 4) and layer.jd_U["default"].shape[0] == 4
+    lora = load_peft_lora(tiny_llama, bundle, tmp_path)
+    input_ids = random_ids(len(IDS), 5)
+    with torch.no_grad():
+        mixed = model(input_ids=input_ids, adapter_ids=IDS).logits
+        expected = lora(input_ids=input_ids, adapter_names=peft_names(bundle, SLOTS)).logits
+    torch.testing.assert_close(mixed, expected, atol=1e-4, rtol=1e-4)
