@@ -1,0 +1,675 @@
+"""The compression API used by the CLI and the tuner: compress, project, remove, evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Literal, Optional, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from ..bundle import Bundle, ModuleFactors
+from ..config import JDLoraConfig
+from .engine import DEFAULT_MAX_BATCH_BYTES, AdapterSource, Engine, EngineResult, FactorSource, dist_info, plan_groups
+from .joint import solve_spd
+from .metrics import (
+    dtype_bytes,
+    dtype_name,
+    least_squares_sigma,
+    overall,
+    relative_errors,
+    sigma_for_storage,
+    size_report,
+    summarise,
+)
+from .sources import AdapterReadError, LoraAdapter, as_adapters
+from .svd import CanonicalBatch, canonicalize, truncated_svd
+
+AdapterLike = Union[LoraAdapter, str, os.PathLike]
+
+
+def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def compress(
+    adapters: Union[Sequence[AdapterLike], FactorSource],
+    *,
+    rank: int = 16,
+    sigma: Literal["full", "diag"] = "full",
+    clusters: Union[int, Literal["auto"]] = 1,
+    target_error: Optional[float] = None,
+    method: Literal["jd", "svd"] = "jd",
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    device: Union[str, torch.device, None] = None,
+    dtype: Optional[torch.dtype] = None,
+    seed: int = 0,
+    progress: bool = True,
+    stall_tol: float = 1e-5,
+    compute_dtype: Optional[torch.dtype] = None,
+    max_clusters: Optional[int] = None,
+    max_cluster_iter: int = 20,
+    check_base_model: bool = True,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    budget: Union[int, float, str, None] = None,
+    target_error_every: bool = False,
+    cluster_counts: Sequence[int] = (2, 4),
+) -> Optional[Bundle]:
+    """Compress a collection of LoRA adapters into a JD-LoRA bundle (DESIGN.md §1; docs/algorithms.md).
+
+    Args:
+        adapters: `LoraAdapter` objects and/or PEFT LoRA folders (read lazily), or a `FactorSource`.
+        rank: rank r of the shared basis per module (capped where more cannot help: see `engine.target_rank`); for
+            `method="svd"`, the rank r' each adapter is truncated to.
+        sigma: `"full"` (Σ_i is r×r, JD-Full) or `"diag"` (Σ_i diagonal, JD-Diag initialised from JD-Full).
+        clusters: number of shared bases per module (one cluster per adapter for all modules), or `"auto"`: the
+            smallest number whose bundle meets `target_error` (mean over adapters of their mean module error).
+        target_error: the error `clusters="auto"` must reach.
+        method: `"jd"` (joint) or `"svd"` (per-adapter SVD of rank r': one singleton cluster per adapter with a
+            diagonal core, served through the same format).
+        max_iter, tol: iteration cap and stopping tolerance (subspace change for JD-Full, relative objective decrease
+            for JD-Diag).
+        stall_tol: JD-Full also stops a module when an iteration lowers its error by less than this fraction (the
+            subspaces of unrelated adapters drift for hundreds of iterations without changing the fit); 0 disables.
+        device: where to compute (default: CUDA when available).
+        dtype: storage dtype of the bundle (default: the source adapters' dtype).
+        seed: seeds the random starts and the cluster seeding; results are deterministic given it.
+        progress: tqdm progress bars (rank 0 only).
+        compute_dtype: dtype of the computation (default float32, or float64 for float64 adapters or storage).
+        max_clusters: upper bound for `clusters="auto"` (default: the number of adapters).
+        max_cluster_iter: cap on fit/reassign passes of the cluster alternation.
+        check_base_model: refuse adapters whose `base_model_name_or_path` differ.
+        max_batch_bytes: memory budget of one batch of modules.
+        budget: a budget plan instead of a fixed rank (see `budget.py`): the bundle's size in bytes of the storage
+            dtype (an int, or "4MB", "4MiB"), or a ratio like "16x" (16 times smaller than the source adapters); the
+            representation (shared bases, clusters or per-adapter SVD), rank and clusters are chosen per module to
+            minimise the mean error. `budget="auto"` picks the smallest bundle meeting `target_error`. `rank`,
+            `sigma`, `clusters` and `method` do not apply.
+        target_error_every: with `budget="auto"`, every adapter (not the mean over adapters) must meet `target_error`.
+        cluster_counts: cluster counts a budget plan considers besides one shared basis and per-adapter SVD.
+
+    Returns:
+        The bundle, with `bundle.report` (fidelity, sizes, timings) and `config.adapter_sources` filled. Under
+        `torch.distributed` the modules are split over the processes and the bundle is returned on rank 0 only
+        (None on the other ranks).
+    """
+    if method not in ("jd", "svd"):
+        raise ValueError(f"method must be 'jd' or 'svd', got {method!r}.")
+    if sigma not in ("full", "diag"):
+        raise ValueError(f"sigma must be 'full' or 'diag', got {sigma!r}.")
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
+    if max_iter < 1 or not tol > 0:
+        raise ValueError(f"max_iter must be >= 1 and tol > 0 (got {max_iter}, {tol}).")
+    if budget is not None:
+        return _compress_budget(
+            adapters,
+            budget=budget,
+            target_error=target_error,
+            every=target_error_every,
+            cluster_counts=cluster_counts,
+            fixed={"clusters": (clusters, 1), "method": (method, "jd")},
+            max_iter=max_iter,
+            tol=tol,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            progress=progress,
+            stall_tol=stall_tol,
+            compute_dtype=compute_dtype,
+            check_base_model=check_base_model,
+            max_batch_bytes=max_batch_bytes,
+        )
+    if clusters == "auto":
+        if method == "svd":
+            raise ValueError("clusters='auto' applies to method='jd'; per-adapter SVD has one basis per adapter.")
+        if target_error is None or not target_error >= 0:
+            raise ValueError("clusters='auto' needs target_error (the mean error the bundle must reach).")
+    elif isinstance(clusters, int) and not isinstance(clusters, bool) and clusters >= 1:
+        if method == "svd" and clusters != 1:
+            raise ValueError("per-adapter SVD (method='svd') has one basis per adapter; clusters do not apply.")
+        if target_error is not None:
+            raise ValueError("target_error is used with clusters='auto' only.")
+    else:
+        raise ValueError(f"clusters must be a positive integer or 'auto', got {clusters!r}.")
+
+    source = adapters if isinstance(adapters, FactorSource) else AdapterSource(as_adapters(adapters), check_base_model)
+    storage_dtype = dtype or source.dtype
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if torch.float64 in (storage_dtype, source.dtype) else torch.float32
+    device = _resolve_device(device)
+    engine = Engine(
+        source,
+        rank=rank,
+        method=method,
+        sigma="diag" if method == "svd" else sigma,
+        max_iter=max_iter,
+        tol=tol,
+        stall_tol=stall_tol,
+        device=device,
+        compute_dtype=compute_dtype,
+        storage_dtype=storage_dtype,
+        seed=seed,
+        progress=progress,
+        max_batch_bytes=max_batch_bytes,
+    )
+    result = engine.run(clusters, target_error, max_cluster_iter=max_cluster_iter, max_clusters=max_clusters)
+    if result.modules is None:
+        return None
+    bundle = _build_bundle(source, result, method, "diag" if method == "svd" else sigma, rank, storage_dtype)
+    bundle.report.update(
+        {
+            "seconds": result.seconds,
+            "device": str(device),
+            "world_size": engine.world,
+            "compute_dtype": dtype_name(compute_dtype),
+            "seed": seed,
+            "tol": tol,
+            "stall_tol": stall_tol,
+            "max_iter": max_iter,
+            "clusters_requested": clusters,
+            "target_error": target_error,
+        }
+    )
+    return bundle
+
+
+def _compress_budget(
+    adapters: Union[Sequence[AdapterLike], FactorSource],
+    *,
+    budget: Union[int, float, str],
+    target_error: Optional[float],
+    every: bool,
+    cluster_counts: Sequence[int],
+    fixed: dict[str, tuple[Any, Any]],
+    device: Union[str, torch.device, None],
+    dtype: Optional[torch.dtype],
+    compute_dtype: Optional[torch.dtype],
+    check_base_model: bool,
+    **kwargs: Any,
+) -> Bundle:
+    """`compress(..., budget=...)`: a budget plan (see `budget.compress_with_budget`)."""
+    from .budget import compress_with_budget
+
+    given = [name for name, (value, default) in fixed.items() if value != default]
+    if given:
+        raise ValueError(f"a budget plan chooses the clusters and representation per module; drop {given}.")
+    source = adapters if isinstance(adapters, FactorSource) else AdapterSource(as_adapters(adapters), check_base_model)
+    storage_dtype = dtype or source.dtype
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if torch.float64 in (storage_dtype, source.dtype) else torch.float32
+    resolved = _resolve_device(device)
+    bundle = compress_with_budget(
+        source,
+        budget=budget,
+        target_error=target_error,
+        every=every,
+        cluster_counts=cluster_counts,
+        device=resolved,
+        compute_dtype=compute_dtype,
+        storage_dtype=storage_dtype,
+        **kwargs,
+    )
+    bundle.report.update({"device": str(resolved), "world_size": 1, "compute_dtype": dtype_name(compute_dtype)})
+    return bundle
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _build_bundle(
+    source: FactorSource, result: EngineResult, method: str, sigma_type: str, rank: int, storage_dtype: torch.dtype
+) -> Bundle:
+    names = list(source.names)
+    modules = {m: ModuleFactors(res.U, res.V, res.sigma) for m, res in result.modules.items()}
+    ranks = {m: f.U.shape[-1] for m, f in modules.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    config = JDLoraConfig(
+        target_modules=list(modules),
+        r=r,
+        rank_pattern={m: k for m, k in ranks.items() if k != r},
+        sigma_type=sigma_type,
+        num_clusters=result.num_clusters,
+        adapter_names=names,
+        adapter_clusters=list(result.assignment),
+        adapter_sources=_json_safe(list(source.sources)) if source.sources else [],
+        base_model_name_or_path=source.base_model,
+        task_type=source.task_type,
+        fan_in_fan_out=source.fan_in_fan_out,
+        inference_mode=True,
+    )
+    errors = {name: {} for name in names}
+    for module, res in result.modules.items():
+        for i, e in enumerate(res.errors.tolist()):
+            if e == e:  # not NaN: the adapter has the module
+                errors[names[i]][module] = e
+    summary = summarise(errors, {n: result.assignment[i] for i, n in enumerate(names)})
+    shapes, module_ranks = source.shapes(), source.ranks()
+    for i, name in enumerate(names):
+        params = sum(module_ranks[m][i] * (d_out + d_in) for m, (d_out, d_in) in shapes.items())
+        summary["per_adapter"][name]["params"] = params
+    original_params, original_bytes = source.original_size()
+    bundle_params = sum(f.U.numel() + f.V.numel() + f.sigma.numel() for f in modules.values())
+    full_iters = [res.stats.get("jd_full", 0) for res in result.modules.values()]
+    iterations: dict[str, Any] = {"cluster_passes": result.cluster_passes}
+    if method == "jd":
+        iterations["jd_full"] = {
+            "max": max(full_iters, default=0),
+            "mean": sum(full_iters) / max(len(full_iters), 1),
+            "not_converged": sum(not res.stats.get("converged", True) for res in result.modules.values()),
+            "stalled": sum(bool(res.stats.get("stalled", False)) for res in result.modules.values()),
+        }
+    if method == "jd" and sigma_type == "diag":
+        diag_iters = [res.stats.get("jd_diag", 0) for res in result.modules.values()]
+        iterations["jd_diag"] = {"max": max(diag_iters, default=0), "mean": sum(diag_iters) / max(len(diag_iters), 1)}
+    report = {
+        "method": "svd" if method == "svd" else f"jd-{sigma_type}",
+        "rank": rank,
+        "sigma_type": sigma_type,
+        "num_clusters": result.num_clusters,
+        "num_adapters": len(names),
+        "num_modules": len(modules),
+        "iterations": iterations,
+        "cluster_search": result.cluster_search,
+        **summary,
+        **size_report(original_params, original_bytes, bundle_params, storage_dtype),
+    }
+    return Bundle(config=config, modules=modules, report=report)
+
+
+# ------------------------------------------------------------------------------------------------ shared helpers
+
+
+def _batches(source: FactorSource, device: torch.device, dtype: torch.dtype, progress: bool, desc: str):
+    """(modules, CanonicalBatch) for batches of same-shape modules of `source`."""
+    groups = plan_groups(source.shapes(), source.ranks(), "jd", 1, 1, dtype_bytes(dtype), DEFAULT_MAX_BATCH_BYTES)
+    for group in tqdm(groups, desc=desc, unit="batch", disable=not progress, leave=False):
+        A, B = source.load(group.modules, group.R, dtype)
+        yield group.modules, canonicalize(A.to(device), B.to(device))
+
+
+def _check_against_bundle(bundle: Bundle, adapters: Sequence[LoraAdapter], check_base_model: bool = True) -> None:
+    """The adapters' modules exist in the bundle with the same shapes, and they were made for its base model."""
+    config = bundle.config
+    for adapter in adapters:
+        if check_base_model and adapter.base_model and config.base_model_name_or_path:
+            if adapter.base_model != config.base_model_name_or_path:
+                raise AdapterReadError(
+                    f"adapter {adapter.name!r} was trained on {adapter.base_model!r}, the bundle serves "
+                    f"{config.base_model_name_or_path!r} (pass check_base_model=False if they are the same weights)."
+                )
+        if adapter.fan_in_fan_out != config.fan_in_fan_out:
+            raise AdapterReadError(
+                f"adapter {adapter.name!r} has fan_in_fan_out={adapter.fan_in_fan_out}, the bundle "
+                f"{config.fan_in_fan_out}: they were made for different layer types."
+            )
+        for module, (d_out, d_in, _) in adapter.shapes().items():
+            if module not in bundle.modules:
+                raise AdapterReadError(
+                    f"adapter {adapter.name!r} has module {module!r}, which the bundle lacks: it cannot be added "
+                    "without a refit (compress the collection again)."
+                )
+            if bundle.modules[module].shape != (d_out, d_in):
+                raise AdapterReadError(
+                    f"module {module!r} is {d_out}x{d_in} in adapter {adapter.name!r} but "
+                    f"{bundle.modules[module].shape[0]}x{bundle.modules[module].shape[1]} in the bundle."
+                )
+
+
+def is_svd_bundle(bundle: Bundle) -> bool:
+    """True for a per-adapter SVD bundle (a singleton cluster per adapter), where a new adapter gets its own cluster."""
+    if bundle.report and "method" in bundle.report:
+        return bundle.report["method"] == "svd"
+    config = bundle.config
+    clusters = config.adapter_clusters or [0] * config.num_adapters
+    return config.num_adapters > 1 and config.sigma_type == "diag" and sorted(clusters) == list(range(len(clusters)))
+
+
+def _pattern_key(pattern: dict[str, Any], module: str) -> Optional[str]:
+    """The key of a per-module pattern (cluster_pattern, …) that applies to `module`, as JDLoraConfig resolves it."""
+    if module in pattern:
+        return module
+    return next((key for key in pattern if module.endswith("." + key)), None)
+
+
+def _own_cluster_modules(bundle: Bundle) -> set[str]:
+    """Modules stored as per-adapter SVD (a singleton cluster per adapter, diagonal Σ), whole bundle or per module
+    (budget plans mix them): a projected adapter gets its own truncated SVD there."""
+    config, n = bundle.config, bundle.config.num_adapters
+    out = set()
+    for module, f in bundle.modules.items():
+        assignment = config.clusters_for(module)
+        if _pattern_key(config.cluster_pattern, module) is None:
+            if is_svd_bundle(bundle):
+                out.add(module)
+        elif n > 1 and f.sigma.dim() == 2 and sorted(assignment) == list(range(n)):
+            out.add(module)
+    return out
+
+
+def _bases(factors: ModuleFactors, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """U [C, d_out, r], V [C, d_in, r] (columns) of a module, in the compute dtype."""
+    return factors.U.to(device=device, dtype=dtype), factors.V.to(device=device, dtype=dtype).mT
+
+
+def _original_params(per_adapter: dict[str, Any]) -> int:
+    return sum(int(entry.get("params", 0)) for entry in per_adapter.values())
+
+
+# ------------------------------------------------------------------------------------------------ project
+
+
+def project(
+    bundle: Bundle,
+    adapters: Sequence[AdapterLike],
+    *,
+    progress: bool = True,
+    device: Union[str, torch.device, None] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+    check_base_model: bool = True,
+) -> Bundle:
+    """Add adapters to a bundle without refitting it: Σ = Uᵀ ΔW V by least squares in the existing bases
+    ((UᵀU)⁻¹ Uᵀ ΔW V (VᵀV)⁻¹, or the G⁻¹ solve for a diagonal core), in the cluster whose bases reconstruct the adapter
+    best, summed over the modules that share one cluster assignment (all modules, unless the bundle has a per-module
+    `cluster_pattern`). Where the bundle stores per-adapter SVD (a singleton cluster per adapter), each new adapter
+    gets its own truncated-SVD cluster.
+
+    The new adapters' modules must be modules of the bundle; modules they lack get Σ = 0. Returns a new bundle with
+    the report updated (the new adapters are listed under "projected").
+    """
+    new = as_adapters(adapters)
+    if not new:
+        return bundle
+    config = bundle.config
+    source = AdapterSource(new, check_base_model=check_base_model)
+    for name in source.names:
+        if name in config.adapter_names:
+            raise AdapterReadError(f"the bundle already has an adapter named {name!r}; remove it first or rename.")
+    _check_against_bundle(bundle, new, check_base_model)
+    device = _resolve_device(device)
+    storage = next(iter(bundle.modules.values())).sigma.dtype
+    compute = compute_dtype or (torch.float64 if storage == torch.float64 else torch.float32)
+    n_new, n_old = len(new), config.num_adapters
+    own = _own_cluster_modules(bundle)
+
+    # Per module: candidate cores for every cluster ([C, N_new, ...]) and their errors ([C, N_new]); for own-cluster
+    # modules a single candidate (each adapter's own basis) and the new bases.
+    candidates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    new_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for modules, batch in _batches(source, device, compute, progress, "project"):
+        for j, module in enumerate(modules):
+            f = bundle.modules[module]
+            sub = batch.modules(torch.tensor([j], device=device))
+            r, diag = f.U.shape[-1], f.sigma.dim() == 2
+            if module in own:
+                U, V, _ = truncated_svd(sub, r)  # [1, N_new, d_out, r'], r' = min(r, R)
+                U = torch.nn.functional.pad(U, (0, r - U.shape[-1]))[0].to(storage)  # [N_new, d_out, r]
+                V = torch.nn.functional.pad(V, (0, r - V.shape[-1]))[0].to(storage)  # [N_new, d_in, r]
+                new_bases[module] = (U.cpu(), V.mT.contiguous().cpu())
+                sigma, err = _own_basis_cores(sub, U.to(compute), V.to(compute), storage)
+                candidates[module] = (sigma.unsqueeze(0), err.unsqueeze(0))
+                continue
+            U_all, V_all = _bases(f, compute, device)
+            sigmas, errs = [], []
+            for c in range(U_all.shape[0]):
+                sigma, T, gram_u, gram_v = least_squares_sigma(sub, U_all[c : c + 1], V_all[c : c + 1], diag)
+                stored = sigma_for_storage(sigma, sub.norm, storage)
+                err = relative_errors(sub, _unit(stored, sub.norm, compute), T, gram_u, gram_v)
+                sigmas.append(stored[0].cpu())
+                errs.append(err[0].double().cpu())
+            candidates[module] = (torch.stack(sigmas), torch.stack(errs))
+    present = {m: torch.tensor([m in a.modules for a in new], dtype=torch.bool) for m in candidates}
+
+    # One choice per group of modules sharing an assignment: the cluster with the least error summed over them.
+    def group_of(module: str) -> tuple:
+        return ("own",) if module in own else tuple(config.clusters_for(module))
+
+    totals: dict[tuple, torch.Tensor] = {}
+    for module, (_, err) in candidates.items():
+        if module in own:
+            continue
+        total = totals.setdefault(group_of(module), torch.zeros(n_new, err.shape[0], dtype=torch.float64))
+        total += torch.where(present[module].view(-1, 1), err.T, 0.0)
+    picks = {group: total.argmin(dim=1).tolist() for group, total in totals.items()}
+
+    def chosen(module: str) -> list[int]:
+        """Cluster id of each new adapter at `module`."""
+        if module in own:
+            return [bundle.modules[module].U.shape[0] + i for i in range(n_new)]
+        return picks.get(group_of(module), [0] * n_new)
+
+    modules_out = {}
+    errors: dict[str, dict[str, float]] = {a.name: {} for a in new}
+    for module, f in bundle.modules.items():
+        r, diag = f.U.shape[-1], f.sigma.dim() == 2
+        rows = torch.zeros((n_new, r) if diag else (n_new, r, r), dtype=f.sigma.dtype)
+        U, V = f.U, f.V
+        if module in candidates:
+            sig, err = candidates[module]  # [C or 1, N_new, ...], [C or 1, N_new]
+            pick = [0] * n_new if module in own else chosen(module)
+            for i, adapter in enumerate(new):
+                rows[i] = sig[pick[i], i]
+                if present[module][i]:
+                    errors[adapter.name][module] = float(err[pick[i], i])
+        if module in own:
+            d_out, d_in = f.shape
+            zeros = (torch.zeros(n_new, d_out, r, dtype=f.U.dtype), torch.zeros(n_new, r, d_in, dtype=f.V.dtype))
+            U_new, V_new = new_bases.get(module, zeros)
+            U, V = torch.cat([U, U_new]), torch.cat([V, V_new])
+        modules_out[module] = ModuleFactors(U, V, torch.cat([f.sigma, rows]))
+
+    # The config: the default assignment and every cluster_pattern entry grow by the new adapters' clusters.
+    default_modules = [m for m in bundle.modules if _pattern_key(config.cluster_pattern, m) is None]
+    default_clusters = list(config.adapter_clusters or [0] * n_old)
+    num_clusters = config.num_clusters
+    if default_modules:
+        default_clusters += chosen(default_modules[0])
+        num_clusters = max(num_clusters, max(default_clusters) + 1)
+    else:
+        default_clusters += [0] * n_new
+    cluster_pattern = {}
+    for key, assignment in config.cluster_pattern.items():
+        members = [m for m in bundle.modules if _pattern_key(config.cluster_pattern, m) == key]
+        cluster_pattern[key] = list(assignment) + (chosen(members[0]) if members else [0] * n_new)
+    first = chosen(default_modules[0]) if default_modules else chosen(next(iter(bundle.modules)))
+    new_config = _replace_config(
+        config,
+        adapter_names=[*config.adapter_names, *source.names],
+        adapter_clusters=default_clusters,
+        num_clusters=num_clusters,
+        cluster_pattern=cluster_pattern,
+        adapter_sources=(list(config.adapter_sources) or [{} for _ in range(n_old)]) + _json_safe(source.sources),
+    )
+    summary = summarise(errors, {a.name: int(first[i]) for i, a in enumerate(new)})
+    for a in new:
+        summary["per_adapter"][a.name]["params"] = a.num_params
+        summary["per_adapter"][a.name]["projected"] = True
+    report = dict(bundle.report or {})
+    per_adapter = {**report.get("per_adapter", {}), **summary["per_adapter"]}
+    report.update(
+        per_adapter=per_adapter,
+        overall=overall(per_adapter),
+        num_clusters=num_clusters,
+        num_adapters=len(per_adapter),
+        projected=[*report.get("projected", []), *source.names],
+    )
+    new_bundle = Bundle(config=new_config, modules=modules_out, report=report, extra_files=dict(bundle.extra_files))
+    _refresh_sizes(new_bundle, original_extra=sum(a.num_params * dtype_bytes(a.dtype) for a in new))
+    return new_bundle
+
+
+def _own_basis_cores(
+    batch: CanonicalBatch, U: torch.Tensor, V: torch.Tensor, storage: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal cores and errors of adapters in their own bases U [N, d_out, r], V [N, d_in, r] (one module)."""
+    N = batch.num_adapters
+    B = batch.B.view(1, batch.B.shape[1], N, -1).permute(0, 2, 1, 3)[0]  # [N, d_out, R]
+    G = B.mT @ U  # [N, R, r]
+    H = batch.right_vectors()[0].mT @ V  # [N, R, r]
+    T = (G.mT @ H).unsqueeze(0)  # [1, N, r, r]
+    gram_u, gram_v = (U.mT @ U).unsqueeze(0), (V.mT @ V).unsqueeze(0)  # [1, N, r, r]
+    sigma = solve_spd(gram_u * gram_v, T.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)).squeeze(-1)  # [1, N, r]
+    stored = sigma_for_storage(sigma, batch.norm, storage)
+    err = relative_errors(batch, _unit(stored, batch.norm, U.dtype), T, gram_u, gram_v)
+    return stored[0].cpu(), err[0].double().cpu()
+
+
+def _unit(stored: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    shape = norm.shape + (1,) * (stored.dim() - norm.dim())
+    inv = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
+    return stored.to(dtype) * inv.view(shape)
+
+
+def _replace_config(config: JDLoraConfig, **changes: Any) -> JDLoraConfig:
+    data = config.to_dict()
+    data.pop("peft_type", None)
+    data.update(changes)
+    known = set(JDLoraConfig.__dataclass_fields__)
+    return JDLoraConfig(**{k: v for k, v in data.items() if k in known})
+
+
+def _refresh_sizes(bundle: Bundle, original_extra: int = 0, original_removed: int = 0) -> None:
+    """Recompute the report's parameter and byte counts after adapters were added or removed."""
+    report = bundle.report
+    storage = next(iter(bundle.modules.values())).sigma.dtype
+    bundle_params = sum(f.U.numel() + f.V.numel() + f.sigma.numel() for f in bundle.modules.values())
+    original_params = _original_params(report.get("per_adapter", {}))
+    old_bytes = report.get("bytes", {}).get("original")
+    if old_bytes is None:
+        original_bytes = original_params * dtype_bytes(storage)
+    else:
+        original_bytes = old_bytes + original_extra - original_removed
+    report.update(size_report(original_params, original_bytes, bundle_params, storage))
+
+
+# ------------------------------------------------------------------------------------------------ remove
+
+
+def _compact(assignment: Sequence[int], keep: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(the kept adapters' clusters renumbered 0…C'−1, the old ids of the clusters still used, in new order)."""
+    used = sorted({assignment[i] for i in keep})
+    remap = {old: new for new, old in enumerate(used)}
+    return [remap[assignment[i]] for i in keep], used
+
+
+def remove(bundle: Bundle, names: Sequence[str]) -> Bundle:
+    """A copy of the bundle without the adapters `names` (clusters left empty are dropped, per module); report
+    updated."""
+    if isinstance(names, str):
+        names = [names]
+    config = bundle.config
+    missing = [n for n in names if n not in config.adapter_names]
+    if missing:
+        raise KeyError(f"no adapters named {missing} in this bundle ({config.num_adapters} adapters).")
+    drop = set(names)
+    keep = [i for i, n in enumerate(config.adapter_names) if n not in drop]
+    if not keep:
+        raise ValueError("removing every adapter would leave an empty bundle.")
+    keep_t = torch.tensor(keep)
+    modules = {}
+    for module, f in bundle.modules.items():
+        _, used = _compact(config.clusters_for(module), keep)
+        used_t = torch.tensor(used, dtype=torch.int64)
+        modules[module] = ModuleFactors(f.U[used_t].clone(), f.V[used_t].clone(), f.sigma[keep_t].clone())
+    adapter_clusters, used_default = _compact(list(config.adapter_clusters or [0] * config.num_adapters), keep)
+    cluster_pattern = {key: _compact(list(a), keep)[0] for key, a in config.cluster_pattern.items()}
+    default = config.default_adapter
+    if default is not None:
+        default_name = default if isinstance(default, str) else config.adapter_names[default]
+        if default_name in drop:
+            warnings.warn(
+                f"the default adapter {default_name!r} was removed; rows without an id use the base model.",
+                stacklevel=2,
+            )
+            default = None
+        else:
+            default = default_name
+    sources = [config.adapter_sources[i] for i in keep] if config.adapter_sources else []
+    new_config = _replace_config(
+        config,
+        adapter_names=[config.adapter_names[i] for i in keep],
+        adapter_clusters=adapter_clusters,
+        num_clusters=len(used_default),
+        cluster_pattern=cluster_pattern,
+        adapter_sources=sources,
+        default_adapter=default,
+    )
+    if bundle.report is None:
+        return Bundle(config=new_config, modules=modules, report=None, extra_files=dict(bundle.extra_files))
+    report = dict(bundle.report)
+    old = report.get("per_adapter", {})
+    removed_bytes = 0
+    if "bytes" in report and report.get("params", {}).get("original"):
+        per_param = report["bytes"]["original"] / report["params"]["original"]
+        removed_bytes = round(sum(int(old[n].get("params", 0)) for n in drop if n in old) * per_param)
+    per_adapter = {}
+    for k, i in enumerate(keep):
+        name = config.adapter_names[i]
+        if name in old:
+            per_adapter[name] = {**old[name], "cluster": adapter_clusters[k]}
+    report.update(
+        per_adapter=per_adapter,
+        overall=overall(per_adapter),
+        num_clusters=len(used_default),
+        num_adapters=len(keep),
+        removed=[*report.get("removed", []), *names],
+    )
+    if "projected" in report:
+        report["projected"] = [n for n in report["projected"] if n not in drop]
+    new_bundle = Bundle(config=new_config, modules=modules, report=report, extra_files=dict(bundle.extra_files))
+    _refresh_sizes(new_bundle, original_removed=removed_bytes)
+    return new_bundle
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+
+
+def evaluate(
+    bundle: Bundle,
+    adapters: Sequence[AdapterLike],
+    *,
+    progress: bool = False,
+    device: Union[str, torch.device, None] = None,
+) -> dict[str, Any]:
+    """Fidelity of the bundle for these adapters (matched by name): {"per_adapter": {name: {"mean_error",
+    "max_error", "cluster", "modules"}}, "overall": {...}}, with the paper's squared relative error per module,
+    computed from factors in float64. A module the adapter has and the bundle lacks counts as error 1."""
+    adapters = as_adapters(adapters)
+    config = bundle.config
+    slots = [config.resolve_adapter(a.name) for a in adapters]
+    device = _resolve_device(device) if device is not None else torch.device("cpu")
+    source = AdapterSource(adapters, check_base_model=False)
+    errors: dict[str, dict[str, float]] = {a.name: {} for a in adapters}
+    for modules, batch in _batches(source, device, torch.float64, progress, "evaluate"):
+        for j, module in enumerate(modules):
+            sub = batch.modules(torch.tensor([j], device=device))
+            if module not in bundle.modules:
+                for a in adapters:
+                    if module in a.modules:
+                        errors[a.name][module] = 1.0
+                continue
+            f = bundle.modules[module]
+            clusters = config.clusters_for(module)
+            U_all, V_all = _bases(f, torch.float64, device)
+            for c in sorted({clusters[s] for s in slots}):
+                members = [i for i, s in enumerate(slots) if clusters[s] == c]
+                part = sub.adapters(torch.tensor(members, device=device))
+                _, T, gram_u, gram_v = least_squares_sigma(part, U_all[c : c + 1], V_all[c : c + 1], f.sigma.dim() == 2)
+                stored = f.sigma[[slots[i] for i in members]].unsqueeze(0).to(device)
+                err = relative_errors(part, _unit(stored, part.norm, torch.float64), T, gram_u, gram_v)[0]
+                for k, i in enumerate(members):
+                    if module in adapters[i].modules:
+                        errors[adapters[i].name][module] = float(err[k])
+    default = config.adapter_clusters or [0] * config.num_adapters
+    return summarise(errors, {a.name: int(default[s]) for a, s in zip(adapters, slots)})
+
+
+__all__ = ["compress", "dist_info", "evaluate", "is_svd_bundle", "project", "remove"]
