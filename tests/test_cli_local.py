@@ -180,7 +180,12 @@ def test_logits_check_failure_writes_nothing(local, capsys):
     ("argv", "fragment"),
     [
         (["convert", "./a", "--out", "o", "--clusters", "auto"], "--clusters auto chooses"),
-        (["convert", "./a", "--out", "o", "--target-error", "0.1"], "--target-error is used with --clusters auto"),
+        (
+            ["convert", "./a", "--out", "o", "--target-error", "0.1", "--rank", "8"],
+            "--target-error is used with --clusters auto",
+        ),
+        (["convert", "./a", "--out", "o", "--budget", "16y"], "--budget"),
+        (["convert", "./a", "--out", "o", "--budget", "16x", "--rank", "8"], "--budget chooses ranks"),
         (["convert", "org/a", "--out", "o", "--push", "not a repo"], "--push expects a Hub repo id"),
         (["remove", "org/bundle", "a", "--in-place"], "--in-place needs a local bundle folder"),
         (["export", "bundle", "--out", "o"], "--adapter NAME"),

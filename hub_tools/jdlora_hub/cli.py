@@ -90,7 +90,21 @@ def _add_compression_args(parser: argparse.ArgumentParser, refit: bool = False) 
         help=f"number of shared bases, or 'auto' (with --target-error){what}",
     )
     group.add_argument(
-        "--target-error", type=_non_negative_float, help="error target used to choose the clusters with --clusters auto"
+        "--target-error",
+        type=_non_negative_float,
+        help="error target: with --clusters auto, the clusters are chosen to meet it; alone, a budget plan picks the "
+        "smallest bundle meeting it (mean over adapters, or every adapter with --every-adapter)",
+    )
+    group.add_argument(
+        "--budget",
+        metavar="{BYTES,RATIOx}",
+        help="size of the bundle in bytes (e.g. 4000000, 4MB, 4MiB) or a ratio like 16x (16 times smaller than the "
+        "source adapters): ranks, clusters and per-adapter SVD are chosen per module to minimise the mean error",
+    )
+    group.add_argument(
+        "--every-adapter",
+        action="store_true",
+        help="with --target-error and no --clusters auto: every adapter (not the mean) must meet the target",
     )
     group.add_argument(
         "--method", choices=["jd", "svd"], help="'jd': joint diagonalisation (default); 'svd': per-adapter SVD baseline"
@@ -317,9 +331,29 @@ def _compression(args: argparse.Namespace) -> Any:
 
     if args.clusters == "auto" and args.target_error is None:
         raise UsageError("--clusters auto chooses the number of clusters from --target-error: give one.")
-    if args.target_error is not None and args.clusters != "auto":
-        raise UsageError("--target-error is used with --clusters auto only.")
+    budget = getattr(args, "budget", None)
+    fixed = [f"--{n}" for n in ("rank", "sigma", "clusters", "method") if getattr(args, n, None) is not None]
+    if budget is not None:
+        from peft_jdlora.compression.budget import parse_budget
+
+        try:
+            parse_budget(budget)
+        except ValueError as err:
+            raise UsageError(f"--budget: {err}") from None
+        if fixed or args.target_error is not None:
+            raise UsageError(f"--budget chooses ranks and clusters itself; drop {fixed or ['--target-error']}.")
+    elif args.target_error is not None and args.clusters != "auto":
+        if fixed:
+            raise UsageError(
+                f"--target-error is used with --clusters auto, or alone (a budget plan); drop {fixed} or add "
+                "--clusters auto."
+            )
+        budget = "auto"
+    if getattr(args, "every_adapter", False) and budget != "auto":
+        raise UsageError("--every-adapter applies to --target-error without --clusters auto.")
     return CompressionOptions(
+        budget=budget,
+        target_error_every=bool(getattr(args, "every_adapter", False)),
         rank=args.rank,
         sigma=args.sigma,
         clusters=args.clusters,
@@ -379,7 +413,7 @@ def _run(args: argparse.Namespace, log: Callable[[str], None]) -> Any:
             log=log,
         )
     if args.command == "add":
-        refit_only = ("rank", "sigma", "clusters", "target_error", "method", "max_iter", "tol", "dtype")
+        refit_only = ("rank", "sigma", "clusters", "target_error", "method", "max_iter", "tol", "dtype", "budget")
         given = [f"--{name.replace('_', '-')}" for name in refit_only if getattr(args, name) is not None]
         if given and not args.refit:
             raise UsageError(f"{', '.join(given)} only apply with --refit (projection keeps the bundle's bases).")

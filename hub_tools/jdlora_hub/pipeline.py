@@ -47,10 +47,14 @@ class CompressionOptions:
     device: Optional[str] = None
     dtype: Optional[str] = None
     seed: int = 0
+    budget: Optional[str] = None  # bytes or "16x" (a budget plan), "auto" (the smallest plan meeting target_error)
+    target_error_every: bool = False
 
     def kwargs(self) -> dict[str, Any]:
         out: dict[str, Any] = {"seed": self.seed}
-        for key in ("rank", "sigma", "clusters", "target_error", "method", "max_iter", "tol", "device"):
+        if self.target_error_every:
+            out["target_error_every"] = True
+        for key in ("rank", "sigma", "clusters", "target_error", "method", "max_iter", "tol", "device", "budget"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value

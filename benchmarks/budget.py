@@ -1,0 +1,233 @@
+"""Budget plans against the fixed-rank baselines: error vs stored floats, and the gain at equal floats.
+
+For every collection and budget ratio (the bundle is `ratio` times smaller than the source LoRAs):
+
+  budget    compress(budget="<ratio>x"): representation, rank and clusters chosen per module (budget.py)
+  svd       per-adapter SVD, the largest uniform rank whose bundle fits in the budget plan's floats
+  jd1       one shared basis (JD-Full), the largest uniform rank that fits
+  jd<C>     C clusters (JD-Full), the largest uniform rank that fits
+
+All baselines are real `compress` runs (not the planner's curves), at the largest rank whose stored floats do not
+exceed those of the budget plan, so "gain" = budget error / min(svd, jd1 error) is at equal or fewer baseline floats.
+
+Collections:
+  real     PEFT LoRA folders under --collection (the 25-task SmolLM2-135M collection; whatever exists is used)
+  shared   PEFT LoRA folders under --shared (8 tasks trained from one shared initialisation); when absent, a synthetic
+           analogue with SmolLM2-135M's q/v shapes: A_i = A_0 + δ_i (one shared A initialisation, moved by training),
+           B_i independent (reported as "synthetic-shared-init")
+
+    OMP_NUM_THREADS=1 python benchmarks/budget.py --ratios 32,16,8 --out budget.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from peft_jdlora.compression import compress
+from peft_jdlora.compression.budget import module_floats
+from peft_jdlora.compression.engine import AdapterSource, FactorSource, target_rank
+from peft_jdlora.compression.sources import read_lora_adapter
+
+SMOLLM2_QV = {
+    f"model.layers.{i}.self_attn.{p}": shape
+    for i in range(30)
+    for p, shape in (("q_proj", (576, 576)), ("v_proj", (192, 576)))
+}
+
+
+class SharedInitSource(FactorSource):
+    """LoRAs trained from one shared initialisation, simulated: A_i = A_0 + drift·δ_i (A_0, δ_i Gaussian, per
+    module), B_i independent Gaussian; scaling 2 (alpha 32 / r 16). Deterministic per (seed, module)."""
+
+    def __init__(self, modules: dict[str, tuple[int, int]], num_adapters: int, rank: int, drift: float, seed: int):
+        self._shapes, self.rank, self.drift, self.seed = dict(modules), rank, drift, seed
+        self.names = [f"shared_init_{i:02d}" for i in range(num_adapters)]
+        self.sources = [{"source": "synthetic:shared-init", "index": i} for i in range(num_adapters)]
+        self.base_model = "synthetic"
+        self.dtype = torch.float32
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return dict(self._shapes)
+
+    def ranks(self) -> dict[str, list[int]]:
+        return {m: [self.rank] * len(self.names) for m in self._shapes}
+
+    def load(self, modules: Sequence[str], rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        d_out, d_in = self._shapes[modules[0]]
+        N = len(self.names)
+        A = torch.zeros(len(modules), N, rank, d_in, dtype=dtype)
+        B = torch.zeros(len(modules), N, d_out, rank, dtype=dtype)
+        for j, module in enumerate(modules):
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(module.encode())) % (2**63))
+            A0 = torch.randn(self.rank, d_in, generator=g) / d_in**0.5
+            for i in range(N):
+                A[j, i, : self.rank] = A0 + self.drift * torch.randn(self.rank, d_in, generator=g) / d_in**0.5
+                B[j, i, :, : self.rank] = 2.0 * torch.randn(d_out, self.rank, generator=g) / d_out**0.5
+        return A, B
+
+
+def largest_rank(source: FactorSource, floats: int, method: str, clusters: int = 1) -> Optional[int]:
+    """Largest uniform rank whose bundle (with the engine's per-module caps) has at most `floats` floats."""
+    shapes, ranks = source.shapes(), source.ranks()
+    N = len(source.names)
+    best = None
+    for r in range(1, 1025):
+        total = 0
+        for m, (d_out, d_in) in shapes.items():
+            k = target_rank(method, r, d_out, d_in, ranks[m])
+            if method == "svd":
+                total += module_floats(d_out, d_in, N, k, N, "diag")
+            else:
+                total += module_floats(d_out, d_in, N, k, clusters, "full")
+        if total > floats:
+            break
+        best = r
+    return best
+
+
+def run(source: Any, label: str, ratios: Sequence[float], args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for ratio in ratios:
+        start = time.perf_counter()
+        bundle = compress(source, budget=f"{ratio}x", seed=args.seed, progress=False, device=args.device)
+        plan_seconds = time.perf_counter() - start
+        report = bundle.report
+        floats = report["params"]["bundle"]
+        row: dict[str, Any] = {
+            "collection": label,
+            "ratio": ratio,
+            "floats": floats,
+            "original_floats": report["params"]["original"],
+            "budget": {
+                "mean_error": report["overall"]["mean_error"],
+                "worst_error": report["overall"]["worst_error"],
+                "modules_by_family": report["budget"]["modules_by_family"],
+                "ranks": sorted({p["rank"] for p in report["plan"].values()}),
+                "seconds": plan_seconds,
+                "timings": report["timings"],
+            },
+        }
+        for name, method, clusters in [("svd", "svd", 1), ("jd1", "jd", 1)] + [
+            (f"jd{c}", "jd", c) for c in args.clusters
+        ]:
+            r = largest_rank(source, floats, method, clusters)
+            if r is None:
+                row[name] = None
+                continue
+            start = time.perf_counter()
+            kwargs = {"method": method, "rank": r}
+            if clusters > 1:
+                kwargs["clusters"] = clusters
+            base = compress(source, seed=args.seed, progress=False, device=args.device, **kwargs)
+            row[name] = {
+                "rank": r,
+                "floats": base.report["params"]["bundle"],
+                "mean_error": base.report["overall"]["mean_error"],
+                "worst_error": base.report["overall"]["worst_error"],
+                "seconds": time.perf_counter() - start,
+            }
+        baselines = [row[k]["mean_error"] for k in ("svd", "jd1") if row.get(k)]
+        row["gain_vs_best_baseline"] = row["budget"]["mean_error"] / min(baselines) if baselines else None
+        rows.append(row)
+        print_row(row, args.clusters)
+    return rows
+
+
+def print_row(row: dict[str, Any], clusters: Sequence[int]) -> None:
+    def cell(entry: Optional[dict[str, Any]]) -> str:
+        return "      -      " if entry is None else f"{entry['mean_error']:.4f} (r{entry['rank']:>3})"
+
+    families = ", ".join(f"{k}:{v}" for k, v in row["budget"]["modules_by_family"].items())
+    gain = row["gain_vs_best_baseline"]
+    gain_text = "-" if gain is None else f"{gain:.3f}"
+    clustered = " | ".join(f"jd{c} {cell(row.get(f'jd{c}'))}" for c in clusters)
+    print(
+        f"{row['collection']:<24} {row['ratio']:>5}x {row['floats']:>10} | budget {row['budget']['mean_error']:.4f} "
+        f"[{families}] ranks {row['budget']['ranks']} {row['budget']['seconds']:.0f}s | svd {cell(row['svd'])} | "
+        f"jd1 {cell(row['jd1'])} | {clustered} | gain {gain_text}",
+        flush=True,
+    )
+
+
+def folders_of(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file() and any(p.glob("adapter_model.*")))
+
+
+def machine() -> dict[str, Any]:
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        )
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--collection", default="~/.cache/peft-jdlora/collection")
+    p.add_argument("--shared", default="~/.cache/peft-jdlora/collection-shared")
+    p.add_argument("--parts", default="real,shared", help="comma-separated: real, shared")
+    p.add_argument("--ratios", default="32,16,8", help="budget ratios (bundle = original / ratio)")
+    p.add_argument("--clusters", default="2,4", help="cluster counts of the clustered baselines")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N adapters (0: all)")
+    p.add_argument("--shared-layers", type=int, default=30, help="layers of the synthetic shared-init analogue")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="budget.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.clusters = [int(c) for c in args.clusters.split(",") if c]
+    ratios = [float(r) if "." in r else int(r) for r in args.ratios.split(",")]
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args), "rows": []}
+    parts = args.parts.split(",")
+    if "real" in parts:
+        folders = folders_of(Path(args.collection).expanduser())
+        folders = folders[: args.limit] if args.limit else folders
+        if folders:
+            adapters = [read_lora_adapter(f, name=f.name) for f in folders]
+            print(f"## real: {len(adapters)} LoRAs from {args.collection}", flush=True)
+            results["rows"] += run(AdapterSource(adapters), f"real-{len(adapters)}", ratios, args)
+        else:
+            print(f"## real: no PEFT LoRA folders under {args.collection}; skipped")
+    if "shared" in parts:
+        folders = folders_of(Path(args.shared).expanduser())
+        if folders:
+            adapters = [read_lora_adapter(f, name=f.name) for f in folders]
+            print(f"## shared: {len(adapters)} LoRAs from {args.shared}", flush=True)
+            results["rows"] += run(AdapterSource(adapters), f"shared-{len(adapters)}", ratios, args)
+        else:
+            modules = {m: s for m, s in SMOLLM2_QV.items() if int(m.split(".")[2]) < args.shared_layers}
+            source = SharedInitSource(modules, 8, 16, drift=0.5, seed=args.seed)
+            print(f"## shared: {args.shared} absent; synthetic shared-init analogue (8 adapters, r16, q/v)", flush=True)
+            results["rows"] += run(source, "synthetic-shared-init", ratios, args)
+    Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

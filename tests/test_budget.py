@@ -1,0 +1,300 @@
+"""Budget plans (`compress(..., budget=...)`): the cost model, plans on collections whose best plan is known, never
+worse than the fixed-rank baselines at equal floats, exact float accounting, target-error plans, and serving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from jdlora_hub.testing.adapters import make_lora_adapter, save_base_model
+from peft import PeftModel
+
+from peft_jdlora import export_lora, load_bundle, save_bundle
+from peft_jdlora.compression import LoraAdapter, compress
+from peft_jdlora.compression.budget import (
+    budget_to_floats,
+    bundle_floats,
+    module_floats,
+    parse_budget,
+    rank_grid,
+)
+from peft_jdlora.compression.engine import target_rank
+from peft_jdlora.compression.synthetic import SyntheticSource
+
+torch.set_num_threads(1)
+
+MODULES = {
+    f"model.layers.{i}.self_attn.{p}": shape
+    for i in range(2)
+    for p, shape in (("q_proj", (96, 96)), ("v_proj", (48, 96)))
+}
+N, R = 8, 4
+
+
+def collection(kind: str, noise: float = 0.05, seed: int = 0) -> SyntheticSource:
+    return SyntheticSource(
+        MODULES, N, lora_rank=R, kind=kind, basis_rank=6, families=2, noise=noise, seed=seed, dtype=torch.float64
+    )
+
+
+def families_of(plan: dict) -> set:
+    return {entry["family"] for entry in plan.values()}
+
+
+def largest_uniform_rank(source, floats: int, method: str) -> int | None:
+    """Largest rank whose fixed-rank bundle (engine caps included) stores at most `floats` floats."""
+    best = None
+    for r in range(1, 200):
+        total = 0
+        for m, (d_out, d_in) in source.shapes().items():
+            k = target_rank(method, r, d_out, d_in, source.ranks()[m])
+            total += module_floats(
+                d_out, d_in, N, k, N if method == "svd" else 1, "diag" if method == "svd" else "full"
+            )
+        if total > floats:
+            break
+        best = r
+    return best
+
+
+# ------------------------------------------------------------------------------------------------ cost model
+
+
+def test_parse_budget_and_cost_model():
+    assert parse_budget("16x") == ("ratio", 16.0)
+    assert parse_budget("4MB") == ("bytes", 4e6)
+    assert parse_budget("2MiB") == ("bytes", 2.0 * 2**20)
+    assert parse_budget(1000) == ("bytes", 1000.0)
+    for bad in ("x", "-3", "0x", "16y", True, 0):
+        with pytest.raises(ValueError):
+            parse_budget(bad)
+    # A ratio divides the source's bytes; bytes are counted in the storage dtype.
+    assert budget_to_floats("4x", 4000, torch.bfloat16) == 500
+    assert budget_to_floats(4000, 123, torch.float32) == 1000
+    assert module_floats(10, 6, 3, 2, 1, "full") == 2 * 16 + 3 * 4
+    assert module_floats(10, 6, 3, 2, 3, "diag") == 3 * 2 * 16 + 3 * 2
+    grid = rank_grid(40)
+    assert grid[:16] == list(range(1, 17)) and grid[-1] == 40 and grid == sorted(set(grid))
+
+
+# ------------------------------------------------------------------------------------------------ known best plans
+
+
+def test_shared_basis_gets_one_cluster():
+    bundle = compress(collection("shared"), budget="3x", progress=False, device="cpu", cluster_counts=(2,))
+    assert families_of(bundle.report["plan"]) == {"jd1"}
+    assert bundle.config.num_clusters == 1 and not bundle.config.cluster_pattern
+    assert bundle.config.sigma_type == "full" and not bundle.config.sigma_pattern
+    assert bundle.report["overall"]["mean_error"] < 0.01
+
+
+def test_independent_adapters_get_per_adapter_svd():
+    # (On a budget below rank-1 SVD everywhere, the cheap rank-1 shared bases fill the modules SVD cannot afford.)
+    bundle = compress(collection("random"), budget="2x", progress=False, device="cpu", cluster_counts=(2,))
+    assert families_of(bundle.report["plan"]) == {"svd"}
+    config = bundle.config
+    assert config.sigma_type == "diag" and config.adapter_clusters == list(range(N)) and config.num_clusters == N
+    for f in bundle.modules.values():
+        assert f.U.shape[0] == N and f.sigma.dim() == 2
+
+
+def test_two_families_get_two_clusters():
+    source = collection("families")
+    bundle = compress(source, budget="2x", progress=False, device="cpu", cluster_counts=(2,))
+    assert families_of(bundle.report["plan"]) == {"jd2"}
+    clusters = bundle.config.adapter_clusters
+    truth = [source.family(i) for i in range(N)]
+    # The same partition as the hidden families (cluster ids are arbitrary).
+    assert len(set(clusters)) == 2 and all(
+        (clusters[i] == clusters[j]) == (truth[i] == truth[j]) for i in range(N) for j in range(N)
+    )
+    assert bundle.report["overall"]["mean_error"] < 0.01
+
+
+@pytest.mark.parametrize(("kind", "budget"), [("shared", "2x"), ("random", "2x"), ("families", "3x")])
+def test_never_above_either_baseline_at_equal_floats(kind, budget):
+    source = collection(kind, noise=0.3)
+    bundle = compress(source, budget=budget, progress=False, device="cpu", cluster_counts=(2,))
+    report = bundle.report
+    floats = report["params"]["bundle"]
+    error = report["overall"]["mean_error"]
+    errors = {}
+    for method in ("svd", "jd"):
+        rank = largest_uniform_rank(source, floats, method)
+        assert rank is not None
+        base = compress(source, method=method, rank=rank, progress=False, device="cpu", cluster_counts=(2,))
+        assert base.report["params"]["bundle"] <= floats
+        errors[method] = base.report["overall"]["mean_error"]
+        assert error <= errors[method] * (1 + 1e-9) + 1e-12, (method, rank, error, errors[method])
+    # The plan's own baselines (from its curves) are the same fits as `compress` at those ranks: the curves are exact.
+    jd1 = report["budget"]["baselines_same_floats"]["jd1"]
+    assert jd1["rank"] == largest_uniform_rank(source, floats, "jd")
+    assert jd1["mean_error"] == pytest.approx(errors["jd"], rel=1e-6, abs=1e-12)
+    # Predicted (curves) and measured (stored factors, float64) errors agree.
+    assert report["budget"]["predicted_mean_error"] == pytest.approx(error, rel=1e-6, abs=1e-12)
+
+
+def test_reported_floats_match_the_tensors_and_the_budget():
+    source = collection("families", noise=0.3)
+    bundle = compress(source, budget="3x", progress=False, device="cpu", dtype=torch.float32)
+    report = bundle.report
+    floats = bundle_floats(bundle)
+    assert report["params"]["bundle"] == floats == report["budget"]["plan_floats"]
+    assert floats == sum(entry["floats"] for entry in report["plan"].values())
+    assert report["bytes"]["bundle"] == 4 * floats == report["budget"]["plan_bytes"]
+    assert floats <= report["budget"]["floats"] == budget_to_floats("3x", report["bytes"]["original"], torch.float32)
+    for module, entry in report["plan"].items():
+        f = bundle.modules[module]
+        assert f.U.numel() + f.V.numel() + f.sigma.numel() == entry["floats"]
+        assert (f.U.shape[0], f.U.shape[-1]) == (entry["num_clusters"], entry["rank"])
+        for baseline in ("svd_same_floats", "jd1_same_floats"):
+            if entry[baseline] is not None:  # never worse than a baseline option of this module with as many floats
+                assert entry[baseline]["floats"] <= entry["floats"]
+                assert entry["error"] <= entry[baseline]["error"] + 1e-12
+    bundle.validate()
+
+
+def test_budget_below_the_smallest_bundle_is_refused():
+    with pytest.raises(ValueError, match="below the smallest bundle"):
+        compress(collection("shared"), budget=100, progress=False, device="cpu", cluster_counts=(2,))
+    with pytest.raises(ValueError, match="drop"):
+        compress(collection("shared"), budget="4x", clusters=2, progress=False, device="cpu", cluster_counts=(2,))
+
+
+def test_target_error_plans():
+    source = collection("families", noise=0.5)
+    kwargs = {"progress": False, "device": "cpu", "cluster_counts": (2,)}
+    mean = compress(source, budget="auto", target_error=0.05, **kwargs)
+    every = compress(source, budget="auto", target_error=0.05, target_error_every=True, **kwargs)
+    assert mean.report["overall"]["mean_error"] <= 0.05 + 1e-9
+    assert every.report["overall"]["worst_error"] <= 0.05 + 1e-9
+    assert bundle_floats(mean) <= bundle_floats(every)
+    # Smallest: the best plan within one float less misses the target.
+    smaller = compress(source, budget=8 * (bundle_floats(mean) - 1), **kwargs)  # float64: 8 bytes per float
+    assert smaller.report["overall"]["mean_error"] > 0.05
+
+
+# ------------------------------------------------------------------------------------------------ serving
+
+
+IDS = torch.tensor([[5, 17, 33, 2, 90, 11], [7, 7, 64, 120, 3, 9], [44, 1, 8, 100, 21, 6], [3, 4, 5, 6, 7, 8]])
+
+
+def _peft_lora(base_folder, folders: dict) -> PeftModel:
+    from transformers import AutoModelForCausalLM
+
+    model = None
+    for name, folder in folders.items():
+        if model is None:
+            model = PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(base_folder), folder, adapter_name=name
+            )
+        else:
+            model.load_adapter(folder, adapter_name=name)
+    return model.eval()
+
+
+def _bundle_model(base_folder, bundle_folder) -> PeftModel:
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), bundle_folder).eval()
+
+
+def test_lossless_budget_plan_serves_like_the_source_loras(tmp_path):
+    base = tiny_llama()
+    save_base_model(base, tmp_path / "base")
+    folders = {}
+    for i, r in enumerate((4, 4, 2, 3)):
+        folders[f"task{i}"] = make_lora_adapter(
+            base, tmp_path / "src" / f"task{i}", seed=20 + i, r=r, base_model_name="tiny"
+        )
+    # More floats than the sources: the per-adapter SVD at full rank (lossless) always fits.
+    bundle = compress(
+        [str(f) for f in folders.values()], budget="0.8x", progress=False, device="cpu", cluster_counts=(2,)
+    )
+    assert bundle.report["overall"]["max_module_error"] < 1e-6  # float32 rounding
+    save_bundle(bundle, tmp_path / "bundle")
+    model = _bundle_model(tmp_path / "base", tmp_path / "bundle")
+    lora = _peft_lora(tmp_path / "base", {f.name: f for f in folders.values()})
+    names = list(folders)
+    with torch.no_grad():
+        mixed = model(input_ids=IDS, adapter_ids=names).logits
+        expected = lora(input_ids=IDS, adapter_names=names).logits
+    torch.testing.assert_close(mixed, expected, atol=1e-4, rtol=1e-4)
+
+
+def _mixed_collection() -> list[LoraAdapter]:
+    """q_proj: adapters from one shared basis (a shared basis wins); v_proj: independent adapters (SVD wins)."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {
+        f"model.layers.{i}.self_attn.{p}": s for i in range(2) for p, s in (("q_proj", (64, 64)), ("v_proj", (32, 64)))
+    }
+    bases = {
+        m: (
+            torch.linalg.qr(torch.randn(d_out, 3, generator=g))[0],
+            torch.linalg.qr(torch.randn(d_in, 3, generator=g))[0],
+        )
+        for m, (d_out, d_in) in shapes.items()
+    }
+    adapters = []
+    for i in range(6):
+        modules = {}
+        for m, (d_out, d_in) in shapes.items():
+            if "q_proj" in m:
+                U0, V0 = bases[m]
+                B = U0 @ torch.randn(3, 4, generator=g) + 0.05 * torch.randn(d_out, 4, generator=g)
+                A = torch.randn(4, 3, generator=g) @ V0.T + 0.05 * torch.randn(4, d_in, generator=g)
+            else:
+                B, A = torch.randn(d_out, 4, generator=g) / 4, torch.randn(4, d_in, generator=g) / 4
+            modules[m] = (A, B)
+        adapters.append(LoraAdapter(name=f"task{i}", modules=modules, base_model="tiny"))
+    return adapters
+
+
+def test_mixed_budget_plan_serves_its_own_reconstruction(tmp_path):
+    bundle = compress(_mixed_collection(), budget="3x", progress=False, device="cpu", cluster_counts=(2,))
+    plan = bundle.report["plan"]
+    assert {plan[m]["kind"] for m in plan if "q_proj" in m} == {"jd"}
+    assert {plan[m]["kind"] for m in plan if "v_proj" in m} == {"svd"}
+    assert bundle.config.sigma_pattern and bundle.config.cluster_pattern
+    base = tiny_llama()
+    save_base_model(base, tmp_path / "base")
+    save_bundle(bundle, tmp_path / "bundle")
+    reloaded = load_bundle(tmp_path / "bundle")
+    for m, f in bundle.modules.items():
+        torch.testing.assert_close(reloaded.modules[m].sigma, f.sigma, atol=0, rtol=0)
+    names = bundle.config.adapter_names
+    folders = {}
+    for name in names[:4]:
+        folders[name] = tmp_path / "export" / name
+        export_lora(bundle, name, folders[name])
+    model = _bundle_model(tmp_path / "base", tmp_path / "bundle")
+    lora = _peft_lora(tmp_path / "base", folders)
+    with torch.no_grad():
+        mixed = model(input_ids=IDS, adapter_ids=names[:4]).logits
+        expected = lora(input_ids=IDS, adapter_names=names[:4]).logits
+    torch.testing.assert_close(mixed, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cli_convert_with_budget_and_target_error(tmp_path, capsys):
+    import json
+
+    from jdlora_hub.cli import main
+
+    base = tiny_llama()
+    save_base_model(base, tmp_path / "base")
+    sources = [
+        str(make_lora_adapter(base, tmp_path / "src" / f"t{i}", seed=40 + i, r=4, base_model_name="tiny"))
+        for i in range(3)
+    ]
+    common = ["--no-base-check", "--quiet", "--json"]
+    assert main(["convert", *sources, "--out", str(tmp_path / "b1"), "--budget", "3x", *common]) == 0
+    out = json.loads(capsys.readouterr().out)
+    report = load_bundle(tmp_path / "b1").report
+    assert report["method"] == "budget" and report["budget"]["requested"] == "3x"
+    assert report["params"]["bundle"] <= report["budget"]["floats"] and out["summary"]["method"] == "budget"
+    argv = ["convert", *sources, "--out", str(tmp_path / "b2"), "--target-error", "0.2", "--every-adapter", *common]
+    assert main(argv) == 0
+    capsys.readouterr()
+    report = load_bundle(tmp_path / "b2").report
+    assert report["budget"]["target"] == "every adapter" and report["overall"]["worst_error"] <= 0.2 + 1e-6
