@@ -293,6 +293,10 @@ def test_cli_convert_with_budget_and_target_error(tmp_path, capsys):
     report = load_bundle(tmp_path / "b1").report
     assert report["method"] == "budget" and report["budget"]["requested"] == "3x"
     assert report["params"]["bundle"] <= report["budget"]["floats"] and out["summary"]["method"] == "budget"
+    card = (tmp_path / "b1" / "README.md").read_text()
+    assert "## Budget plan" in card and "per-adapter SVD, one rank everywhere" in card
+    assert f"| this bundle | {report['budget']['plan_floats']:,} |" in card
+    assert all(module in card for module in report["plan"])
     argv = ["convert", *sources, "--out", str(tmp_path / "b2"), "--target-error", "0.2", "--every-adapter", *common]
     assert main(argv) == 0
     capsys.readouterr()

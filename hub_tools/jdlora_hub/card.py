@@ -217,6 +217,7 @@ def bundle_card(
     ]
     lines += ["", "## Compression", "", "| setting | value |", "|---|---|"]
     lines += [f"| {name} | {_cell(value)} |" for name, value in settings]
+    lines += budget_plan_lines(report)
     verification = summary["verification"]
     if verification:
         lines += ["", "## Verification", ""]
@@ -242,6 +243,39 @@ def bundle_card(
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def budget_plan_lines(report: Optional[dict[str, Any]]) -> list[str]:
+    """The "Budget plan" section of a bundle made with --budget / --target-error: what the planner chose per module
+    and what the uniform baselines would have reached with the same floats (so readers can see the gain)."""
+    budget = (report or {}).get("budget")
+    plan = (report or {}).get("plan")
+    if not budget or not plan:
+        return []
+    lines = ["", "## Budget plan", ""]
+    target = f", target error {budget['target_error']} ({budget['target']})" if budget.get("target_error") else ""
+    lines.append(
+        f"Requested: {budget.get('requested')}{target}. The plan stores {budget['plan_floats']:,} floats "
+        f"({_format_bytes(budget.get('plan_bytes'))}); module kinds: {budget.get('modules_by_family')}."
+    )
+    lines += ["", "| plan | floats | mean error |", "|---|---|---|"]
+    lines.append(f"| this bundle | {budget['plan_floats']:,} | {format_error(budget.get('predicted_mean_error'))} |")
+    names = {"svd": "per-adapter SVD, one rank everywhere", "jd1": "one shared basis, one rank everywhere"}
+    for family, base in (budget.get("baselines_same_floats") or {}).items():
+        if base is None:
+            lines.append(f"| {names.get(family, family)} | does not fit | n/a |")
+        else:
+            lines.append(
+                f"| {names.get(family, family)} (rank {base['rank']}) | {base['floats']:,} | "
+                f"{format_error(base['mean_error'])} |"
+            )
+    lines += ["", "| module | kind | rank | clusters | Σ | floats | error |", "|---|---|---|---|---|---|---|"]
+    for module, entry in plan.items():
+        lines.append(
+            f"| {_cell(module)} | {entry['kind']} | {entry['rank']} | {entry['num_clusters']} | "
+            f"{entry['sigma_type']} | {entry['floats']:,} | {format_error(entry['error'])} |"
+        )
+    return lines
 
 
 def export_card(config: Any, report: Optional[dict[str, Any]], adapter: str, bundle_ref: str) -> str:
