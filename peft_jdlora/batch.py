@@ -129,17 +129,26 @@ class AdapterBatch:
 
     def metadata(self, adapter_name: str, token_slots: torch.Tensor, adapter_cluster: torch.Tensor) -> Any:
         """Kernel metadata for `token_slots` (as `token_slots()` returned them) and a layer's cluster table [N],
-        built on the host once per batch shape and cluster table, and shared by all layers; None on the PyTorch path."""
+        built on the host once per batch shape and cluster table, and shared by all layers; None on the PyTorch path.
+
+        Each layer's answer (None included) is memoised under its own tensors, so after the first layer of a batch
+        a layer pays one dict lookup here.
+        """
         if self.metadata_builder is None:
             return None
+        layer_key = ("layer-meta", adapter_name, id(token_slots), id(adapter_cluster))
+        memo = self._cache.get(layer_key)
+        if memo is not None and memo[0] is token_slots and memo[1] is adapter_cluster:
+            return memo[2]
         host = self._cache.get(("host", id(token_slots)))
         host_slots = host[1] if host is not None and host[0] is token_slots else token_slots.cpu()
         clusters, cluster_id = self._cluster_table(adapter_cluster)
-        key = ("meta", adapter_name, id(token_slots), cluster_id)
-        entry = self._cache.get(key)
+        shared_key = ("meta", adapter_name, id(token_slots), cluster_id)
+        entry = self._cache.get(shared_key)
         if entry is None or entry[0] is not token_slots:
             entry = (token_slots, self.metadata_builder(host_slots, clusters, token_slots.device))
-            self._cache[key] = entry
+            self._cache[shared_key] = entry
+        self._cache[layer_key] = (token_slots, adapter_cluster, entry[1])
         return entry[1]
 
     def __getstate__(self) -> dict[str, Any]:

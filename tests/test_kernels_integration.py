@@ -139,6 +139,10 @@ def test_tiny_llama_through_the_kernels_matches_torch_backend(tmp_path, backend,
                 input_ids=input_ids, adapter_ids=adapter_ids, max_new_tokens=2, pad_token_id=0
             )
         assert not kernel_calls
+        # The torch path asks once per batch and cluster table too (the "no metadata" answer is memoised per layer).
+        builds.clear()
+        model(input_ids=input_ids, adapter_ids=adapter_ids)
+        assert len(builds) == 2
         builds.clear()
         backend("triton")
         logits = model(input_ids=input_ids, adapter_ids=adapter_ids).logits

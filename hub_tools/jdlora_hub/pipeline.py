@@ -305,14 +305,21 @@ def convert(
     )
     log(f"wrote {output.out}")
     pushed = _push(output, log)
+    return _written_result("convert", output.out, bundle, resolution, pushed, {"verification": verification})
+
+
+def _written_result(
+    command: str, out: Path, bundle: Any, resolution: Any, pushed: Optional[dict[str, Any]], extra: dict[str, Any]
+) -> Result:
+    """The Result of a command that wrote (and maybe pushed) a bundle: convert and add."""
     return Result(
-        command="convert",
-        out=str(output.out),
+        command=command,
+        out=str(out),
         adapters=_result_rows(bundle),
         skipped=[{"source": s.source, "reason": s.reason} for s in resolution.skipped],
         summary=bundle_summary(bundle.config, bundle.report),
         push=pushed,
-        extra={"verification": verification},
+        extra=extra,
     )
 
 
@@ -526,15 +533,8 @@ def add(
     )
     log(f"wrote {output.out} ({len(new_adapters)} adapters added{' with a refit' if refit else ' by projection'})")
     pushed = _push(output, log)
-    return Result(
-        command="add",
-        out=str(output.out),
-        adapters=_result_rows(new_bundle),
-        skipped=[{"source": s.source, "reason": s.reason} for s in resolution.skipped],
-        summary=bundle_summary(new_bundle.config, new_bundle.report),
-        push=pushed,
-        extra={"verification": verification, "added": [a.name for a in new_adapters], "refit": refit, "bundle": where},
-    )
+    extra = {"verification": verification, "added": [a.name for a in new_adapters], "refit": refit, "bundle": where}
+    return _written_result("add", output.out, new_bundle, resolution, pushed, extra)
 
 
 def _bundle_settings(bundle: Any) -> dict[str, Any]:

@@ -18,6 +18,8 @@ serving path. It is the reference the Triton kernels are tested against.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 # Above this many stacked basis columns (C·r), one wide GEMM against every cluster's basis costs more than
@@ -27,8 +29,8 @@ WIDE_GEMM_MAX_COLUMNS = 256
 GATHER_CHUNK_TOKENS = 256
 
 
-def shrink(x: torch.Tensor, V: torch.Tensor, token_cluster: torch.Tensor) -> torch.Tensor:
-    """h[t] = V[c(t)] · x[t].  x: [T, d_in], V: [C, r, d_in], token_cluster: [T] -> h: [T, r]."""
+def shrink(x: torch.Tensor, V: torch.Tensor, token_cluster: Optional[torch.Tensor]) -> torch.Tensor:
+    """h[t] = V[c(t)] · x[t].  x: [T, d_in], V: [C, r, d_in], token_cluster: [T] (None when C = 1) -> h: [T, r]."""
     num_clusters, rank, d_in = V.shape
     if num_clusters == 1:
         return x @ V[0].T
@@ -43,8 +45,8 @@ def shrink(x: torch.Tensor, V: torch.Tensor, token_cluster: torch.Tensor) -> tor
     return torch.cat(chunks) if chunks else x.new_zeros(0, rank)
 
 
-def expand(z: torch.Tensor, U: torch.Tensor, token_cluster: torch.Tensor) -> torch.Tensor:
-    """y[t] = U[c(t)] · z[t].  z: [T, r], U: [C, d_out, r], token_cluster: [T] -> y: [T, d_out]."""
+def expand(z: torch.Tensor, U: torch.Tensor, token_cluster: Optional[torch.Tensor]) -> torch.Tensor:
+    """y[t] = U[c(t)] · z[t].  z: [T, r], U: [C, d_out, r], token_cluster: [T] (None when C = 1) -> y: [T, d_out]."""
     num_clusters, d_out, rank = U.shape
     if num_clusters == 1:
         return z @ U[0].T
@@ -60,14 +62,17 @@ def expand(z: torch.Tensor, U: torch.Tensor, token_cluster: torch.Tensor) -> tor
     return torch.cat(chunks) if chunks else z.new_zeros(0, d_out)
 
 
-def apply_sigma(h: torch.Tensor, sigma: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    """z[t] = Σ[a(t)] · h[t], and 0 for base tokens.  h: [T, r], sigma: [N, r, r] or [N, r] -> z: [T, r]."""
-    sigma_t = sigma[token_slots.clamp(min=0)]  # [T, r, r] or [T, r]
+def apply_sigma(
+    h: torch.Tensor, sigma: torch.Tensor, token_slots: torch.Tensor, slots: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """z[t] = Σ[a(t)] · h[t], and 0 for base tokens.  h: [T, r], sigma: [N, r, r] or [N, r] -> z: [T, r].
+    `slots` is token_slots.clamp(min=0) when the caller has it."""
+    sigma_t = sigma[token_slots.clamp(min=0) if slots is None else slots]  # [T, r, r] or [T, r]
     if sigma.dim() == 3:
         z = torch.bmm(sigma_t, h.unsqueeze(-1)).squeeze(-1)
     else:
         z = h * sigma_t
-    return z * (token_slots >= 0).unsqueeze(-1).to(z.dtype)
+    return torch.where((token_slots >= 0).unsqueeze(-1), z, 0.0)
 
 
 def jd_lora_delta(
@@ -79,9 +84,10 @@ def jd_lora_delta(
     adapter_cluster: torch.Tensor,
 ) -> torch.Tensor:
     """The JD-LoRA update for every token: [T, d_in] -> [T, d_out] (shapes in the module docstring)."""
-    token_cluster = adapter_cluster[token_slots.clamp(min=0)]  # [T]
+    slots = token_slots.clamp(min=0)  # [T]
+    token_cluster = adapter_cluster[slots] if U.shape[0] > 1 else None  # [T]
     h = shrink(x, V, token_cluster)
-    z = apply_sigma(h, sigma, token_slots)
+    z = apply_sigma(h, sigma, token_slots, slots)
     return expand(z, U, token_cluster)
 
 
