@@ -16,7 +16,10 @@ Collections:
            analogue with SmolLM2-135M's q/v shapes: A_i = A_0 + δ_i (one shared A initialisation, moved by training),
            B_i independent (reported as "synthetic-shared-init")
 
-    OMP_NUM_THREADS=1 python benchmarks/budget.py --ratios 32,16,8 --out budget.json
+    OMP_NUM_THREADS=1 python benchmarks/budget.py --ratios 32,16,8,default --out budget.json
+
+The "default" ratio compares the bundle `jdlora-convert` builds with no size options (fixed rank, one basis) with a
+budget plan of exactly its bytes.
 """
 
 from __future__ import annotations
@@ -97,17 +100,36 @@ def largest_rank(source: FactorSource, floats: int, method: str, clusters: int =
     return best
 
 
-def run(source: Any, label: str, ratios: Sequence[float], args: argparse.Namespace) -> list[dict[str, Any]]:
+def default_bundle(source: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """What `jdlora-convert` builds when given no --rank / --clusters / --budget: `compress()` with its defaults."""
+    start = time.perf_counter()
+    report = compress(source, seed=args.seed, progress=False, device=args.device).report
+    return {
+        "rank": report["rank"],
+        "floats": report["params"]["bundle"],
+        "bytes": report["bytes"]["bundle"],
+        "ratio": report["params"]["ratio"],
+        "mean_error": report["overall"]["mean_error"],
+        "worst_error": report["overall"]["worst_error"],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run(source: Any, label: str, ratios: Sequence[Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One row per ratio; the ratio "default" is the size of the default bundle, which the row also carries."""
     rows = []
     for ratio in ratios:
+        default = default_bundle(source, args) if ratio == "default" else None
+        budget = default["bytes"] if default else f"{ratio}x"
         start = time.perf_counter()
-        bundle = compress(source, budget=f"{ratio}x", seed=args.seed, progress=False, device=args.device)
+        bundle = compress(source, budget=budget, seed=args.seed, progress=False, device=args.device)
         plan_seconds = time.perf_counter() - start
         report = bundle.report
         floats = report["params"]["bundle"]
         row: dict[str, Any] = {
             "collection": label,
-            "ratio": ratio,
+            "ratio": ratio if default is None else round(default["ratio"], 2),
+            "default": default,
             "floats": floats,
             "original_floats": report["params"]["original"],
             "budget": {
@@ -139,6 +161,8 @@ def run(source: Any, label: str, ratios: Sequence[float], args: argparse.Namespa
                 "seconds": time.perf_counter() - start,
             }
         baselines = [row[k]["mean_error"] for k in ("svd", "jd1") if row.get(k)]
+        if default is not None:
+            row["gain_vs_default"] = row["budget"]["mean_error"] / default["mean_error"]
         row["gain_vs_best_baseline"] = row["budget"]["mean_error"] / min(baselines) if baselines else None
         rows.append(row)
         print_row(row, args.clusters)
@@ -152,6 +176,9 @@ def print_row(row: dict[str, Any], clusters: Sequence[int]) -> None:
     families = ", ".join(f"{k}:{v}" for k, v in row["budget"]["modules_by_family"].items())
     gain = row["gain_vs_best_baseline"]
     gain_text = "-" if gain is None else f"{gain:.3f}"
+    if row.get("default"):
+        d = row["default"]
+        gain_text += f" | default r{d['rank']} {d['mean_error']:.4f} ({d['seconds']:.0f}s)"
     clustered = " | ".join(f"jd{c} {cell(row.get(f'jd{c}'))}" for c in clusters)
     print(
         f"{row['collection']:<24} {row['ratio']:>5}x {row['floats']:>10} | budget {row['budget']['mean_error']:.4f} "
@@ -190,7 +217,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--collection", default="~/.cache/peft-jdlora/collection")
     p.add_argument("--shared", default="~/.cache/peft-jdlora/collection-shared")
     p.add_argument("--parts", default="real,shared", help="comma-separated: real, shared")
-    p.add_argument("--ratios", default="32,16,8", help="budget ratios (bundle = original / ratio)")
+    p.add_argument(
+        "--ratios",
+        default="32,16,8,default",
+        help="budget ratios (bundle = original / ratio); 'default': the size of the bundle built with no options",
+    )
     p.add_argument("--clusters", default="2,4", help="cluster counts of the clustered baselines")
     p.add_argument("--limit", type=int, default=0, help="use only the first N adapters (0: all)")
     p.add_argument("--shared-layers", type=int, default=30, help="layers of the synthetic shared-init analogue")
@@ -201,7 +232,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.clusters = [int(c) for c in args.clusters.split(",") if c]
-    ratios = [float(r) if "." in r else int(r) for r in args.ratios.split(",")]
+    ratios = [r if r == "default" else float(r) if "." in r else int(r) for r in args.ratios.split(",")]
     results: dict[str, Any] = {"machine": machine(), "args": vars(args), "rows": []}
     parts = args.parts.split(",")
     if "real" in parts:

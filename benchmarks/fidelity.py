@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers.py beside this file
 
-from peers import collection_folders, machine, safetensors_payload_bytes
+from peers import collection_fingerprint, collection_folders, machine, safetensors_payload_bytes
 
 from peft_jdlora.demo import (
     cache_root,
@@ -389,10 +389,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     base.eval()
     rows = eval_rows(folders, tokenizer, args.n_eval, args.seq_len)
     settings = {k: getattr(args, k) for k in ("n_eval", "seq_len", "max_new_tokens", "batch_size")}
+    fingerprint = collection_fingerprint(folders)
     out_json = args.out / "fidelity.json"
     results: dict[str, Any] = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    if results.get("adapters") != names or results.get("settings") != settings:
-        results = {"adapters": names, "settings": settings, "runs": {}}  # cached runs do not apply
+    if (results.get("adapters"), results.get("settings"), results.get("fingerprint")) != (names, settings, fingerprint):
+        # Cached runs do not apply: other adapters, settings, or an adapter / its eval data retrained since.
+        results = {"adapters": names, "settings": settings, "fingerprint": fingerprint, "runs": {}}
     results.update(
         collection=str(args.collection),
         num_adapters=len(names),

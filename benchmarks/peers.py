@@ -16,6 +16,7 @@ Results are cached per configuration in <out>/peers.json (reruns resume); <out>/
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -63,6 +64,19 @@ def collection_folders(collection: Path, limit: int | None) -> list[Path]:
         done = set(json.loads(manifest.read_text()).get("adapters", {}))
         folders = [f for f in folders if f.name in done]
     return folders[:limit] if limit else folders
+
+
+def collection_fingerprint(folders: Sequence[Path]) -> str:
+    """SHA-256 over every adapter's weights, config and eval data (when present): a cached run applies only to the
+    same files."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for name in ("adapter_config.json", "adapter_model.safetensors", "eval.jsonl"):
+            if not (folder / name).is_file():
+                continue
+            digest.update(f"{folder.name}/{name}\0".encode())
+            digest.update(hashlib.sha256((folder / name).read_bytes()).digest())
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ the metric
@@ -331,8 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     original_bytes = sum(safetensors_payload_bytes(f) for f in folders)
     out_json = args.out / "peers.json"
     results: dict[str, Any] = json.loads(out_json.read_text()) if out_json.is_file() else {}
-    if results.get("adapters") != names:
-        results = {"adapters": names, "runs": {}}  # a different collection: cached runs do not apply
+    fingerprint = collection_fingerprint(folders)
+    if (results.get("adapters"), results.get("fingerprint")) != (names, fingerprint):
+        # Cached runs do not apply: a different collection, or an adapter retrained since.
+        results = {"adapters": names, "fingerprint": fingerprint, "runs": {}}
     results.update(
         collection=str(args.collection),
         num_adapters=len(names),

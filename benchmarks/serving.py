@@ -16,6 +16,7 @@ down many times over).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import tempfile
@@ -45,7 +46,10 @@ def make_base(layers: int, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
         tie_word_embeddings=True,
         pad_token_id=0,
     )
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    # Frozen like every served model (and like the base under a PeftModel): on CPU, torch.matmul folds a strided
+    # [B, 1, d] lm_head input into one mm only when the weight requires grad, and otherwise runs a batched mm against
+    # an expanded weight, several times slower; an unfrozen base would get the fast path the adapted models cannot.
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def lora_folders(base: LlamaForCausalLM, count: int, rank: int, root: Path) -> list[Path]:
@@ -92,19 +96,24 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of `fn()` over `repeats` runs after one warm-up."""
+def timed_against(fn, reference_fn, repeats: int, device: str) -> tuple[float, float]:
+    """Median seconds of `fn()` and of `reference_fn()` over `repeats` interleaved runs after one warm-up each.
+
+    Interleaving makes the ratio of the two robust to load that drifts during the benchmark.
+    """
     fn()
-    times = []
+    reference_fn()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        for f, bucket in ((fn, times[0]), (reference_fn, times[1])):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            f()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            bucket.append(time.perf_counter() - start)
+    return tuple(sorted(bucket)[len(bucket) // 2] for bucket in times)
 
 
 def adapter_bytes(model: torch.nn.Module, marker: str) -> int:
@@ -150,35 +159,52 @@ def main() -> None:
     }
 
     def measure(label: str, count: int, model, extra: dict, memory: int) -> None:
+        """Times `model` interleaved with the base model, so each row carries its own ratio to the base."""
         with torch.no_grad():
-            generate_s = timed(
-                lambda: model.generate(input_ids=prompt, **gen_kwargs, **extra), args.repeats, args.device
+            generate_s, base_generate_s = timed_against(
+                lambda: model.generate(input_ids=prompt, **gen_kwargs, **extra),
+                lambda: base.generate(input_ids=prompt, **gen_kwargs),
+                args.repeats,
+                args.device,
             )
-            prefill_s = timed(lambda: model(input_ids=prompt, **extra), args.repeats, args.device)
+            prefill_s, base_prefill_s = timed_against(
+                lambda: model(input_ids=prompt, **extra), lambda: base(input_ids=prompt), args.repeats, args.device
+            )
         row = {
             "method": label,
             "resident": count,
             "distinct_in_batch": len(set(extra.get("adapter_ids", extra.get("adapter_names", [None])))),
             "decode_tokens_per_s": tokens_generated / generate_s,
             "prefill_tokens_per_s": tokens_prefilled / prefill_s,
+            "decode_vs_base": base_generate_s / generate_s,
+            "prefill_vs_base": base_prefill_s / prefill_s,
             "adapter_bytes": memory,
         }
         results["rows"].append(row)
         print(
             f"{label:<22} resident={count:>5} distinct={row['distinct_in_batch']:>3} "
-            f"generate {row['decode_tokens_per_s']:9.1f} tok/s  prefill {row['prefill_tokens_per_s']:9.1f} tok/s  "
+            f"generate {row['decode_tokens_per_s']:9.1f} tok/s ({row['decode_vs_base']:.3f}x base)  "
+            f"prefill {row['prefill_tokens_per_s']:9.1f} tok/s ({row['prefill_vs_base']:.3f}x base)  "
             f"adapters {memory / 2**20:8.2f} MiB",
             flush=True,
         )
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = make_base(args.layers, args.device, dtype)
-        measure("base model", 0, base, {}, 0)
+        # Every file first: writing a thousand adapters between two measurements leaves the process (allocator,
+        # page cache) in a state that slowed the next model by up to 15% in early runs.
         folders = lora_folders(make_base(args.layers, "cpu", torch.float32), max(counts), args.rank, root)
+        bundles = {
+            count: random_bundle_for(make_base(args.layers, "cpu", torch.float32), count, args.rank, root)
+            for count in counts
+        }
+        gc.collect()
+        base = make_base(args.layers, args.device, dtype)
+        measure("base model", 0, make_base(args.layers, args.device, dtype), {}, 0)
         one = PeftModel.from_pretrained(make_base(args.layers, args.device, dtype), folders[0]).eval()
         measure("one LoRA", 1, one, {}, adapter_bytes(one, "lora_"))
         del one
+        gc.collect()
         for count in counts:
             rows = [f"lora_{i % count:04d}" for i in range(args.batch)]
             if count <= args.skip_peft_above:
@@ -191,10 +217,11 @@ def main() -> None:
                     peft.load_adapter(folders[i], adapter_name=f"lora_{i:04d}")
                 measure("PEFT adapter_names", count, peft, {"adapter_names": rows}, adapter_bytes(peft, "lora_"))
                 del peft
-            bundle_path = random_bundle_for(make_base(args.layers, "cpu", torch.float32), count, args.rank, root)
-            jd = PeftModel.from_pretrained(make_base(args.layers, args.device, dtype), bundle_path).eval()
+                gc.collect()
+            jd = PeftModel.from_pretrained(make_base(args.layers, args.device, dtype), bundles[count]).eval()
             measure("JD-LoRA adapter_ids", count, jd, {"adapter_ids": rows}, adapter_bytes(jd, ".jd_"))
             del jd
+            gc.collect()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     print(f"machine: {machine}; peft_jdlora {peft_jdlora.__version__}; torch {torch.__version__}")
