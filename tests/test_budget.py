@@ -134,6 +134,23 @@ def test_never_above_either_baseline_at_equal_floats(kind, budget):
     assert report["budget"]["predicted_mean_error"] == pytest.approx(error, rel=1e-6, abs=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["random", "shared"])
+def test_fixed_rank_report_carries_the_svd_baseline_at_the_same_size(kind):
+    source = collection(kind, noise=0.3)
+    bundle = compress(source, rank=12, progress=False, device="cpu")
+    floats = bundle.report["params"]["bundle"]
+    svd = bundle.report["svd_same_floats"]
+    assert svd["rank"] == largest_uniform_rank(source, floats, "svd") and svd["floats"] <= floats
+    # It is the error of the SVD bundle `compress` builds at that rank, predicted without building it.
+    real = compress(source, method="svd", rank=svd["rank"], progress=False, device="cpu")
+    assert svd["floats"] == real.report["params"]["bundle"]
+    assert svd["mean_error"] == pytest.approx(real.report["overall"]["mean_error"], rel=1e-9, abs=1e-12)
+    # Unrelated adapters: SVD spends the same bytes better; one shared basis: the joint fit does.
+    jd = bundle.report["overall"]["mean_error"]
+    assert (svd["mean_error"] < 0.9 * jd) if kind == "random" else (svd["mean_error"] > jd)
+    assert compress(source, rank=1, progress=False, device="cpu").report["svd_same_floats"] is None  # no rank fits
+
+
 def test_reported_floats_match_the_tensors_and_the_budget():
     source = collection("families", noise=0.3)
     bundle = compress(source, budget="3x", progress=False, device="cpu", dtype=torch.float32)
@@ -293,6 +310,7 @@ def test_cli_convert_with_budget_and_target_error(tmp_path, capsys):
     report = load_bundle(tmp_path / "b1").report
     assert report["method"] == "budget" and report["budget"]["requested"] == "3x"
     assert report["params"]["bundle"] <= report["budget"]["floats"] and out["summary"]["method"] == "budget"
+    assert "svd_same_floats" not in report  # a plan has its baselines in report["budget"]
     card = (tmp_path / "b1" / "README.md").read_text()
     assert "## Budget plan" in card and "per-adapter SVD, one rank everywhere" in card
     assert f"| this bundle | {report['budget']['plan_floats']:,} |" in card
@@ -302,3 +320,10 @@ def test_cli_convert_with_budget_and_target_error(tmp_path, capsys):
     capsys.readouterr()
     report = load_bundle(tmp_path / "b2").report
     assert report["budget"]["target"] == "every adapter" and report["overall"]["worst_error"] <= 0.2 + 1e-6
+    # A fixed-rank bundle of unrelated adapters says that per-adapter SVD would use its bytes better.
+    assert main(["convert", *sources, "--out", str(tmp_path / "b3"), "--rank", "8", "--no-base-check", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    svd = load_bundle(tmp_path / "b3").report["svd_same_floats"]
+    assert svd["rank"] >= 1 and "hint:" in printed and f"per-adapter SVD (rank {svd['rank']})" in printed
+    card = (tmp_path / "b3" / "README.md").read_text()
+    assert f"| per-adapter SVD in the same bytes | rank {svd['rank']}, mean error" in card

@@ -109,6 +109,7 @@ def bundle_summary(config: Any, report: Optional[dict[str, Any]]) -> dict[str, A
         "seconds": report.get("seconds"),
         "device": report.get("device"),
         "verification": report.get("verification"),
+        "svd_same_floats": report.get("svd_same_floats"),
     }
 
 
@@ -206,6 +207,13 @@ def bundle_card(
             f"{_format_bytes(summary['bytes_bundle'])} in {summary['dtype']} "
             f"(originals: {_format_bytes(summary['bytes_original'])})"
             if summary["bytes_bundle"]
+            else "n/a",
+        ),
+        (
+            "per-adapter SVD in the same bytes",
+            f"rank {summary['svd_same_floats']['rank']}, mean error "
+            f"{format_error(summary['svd_same_floats']['mean_error'])}"
+            if summary["svd_same_floats"]
             else "n/a",
         ),
         (

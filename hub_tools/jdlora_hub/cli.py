@@ -507,6 +507,10 @@ def _fail(prog: str, args: argparse.Namespace, message: str, code: ExitCode) -> 
 # ---------------------------------------------------------------------------------------------------- text output
 
 
+# A fixed-rank bundle suggests a budget plan when per-adapter SVD in the same bytes has below this share of its error.
+SVD_HINT = 0.9
+
+
 def _format_result(result: Any) -> str:
     from .card import format_error
 
@@ -535,6 +539,12 @@ def _format_result(result: Any) -> str:
             lines.append(
                 f"error:         mean {format_error(s['mean_error'])}, worst {s.get('worst_adapter')} "
                 f"({format_error(s.get('worst_error'))})"
+            )
+        svd = s.get("svd_same_floats")
+        if result.command == "convert" and svd and svd["mean_error"] < SVD_HINT * (s.get("mean_error") or 0.0):
+            lines.append(
+                f"hint:          per-adapter SVD (rank {svd['rank']}) has mean error {format_error(svd['mean_error'])} "
+                f"in these bytes (the adapters share little); --budget {s['compression_ratio']:.1f}x chooses per module"
             )
         check = (result.extra.get("verification") or s.get("verification") or {}).get("base_model_check")
         if check:

@@ -60,7 +60,15 @@ from tqdm.auto import tqdm
 
 from ..bundle import Bundle, ModuleFactors
 from ..config import JDLoraConfig
-from .engine import DEFAULT_MAX_BATCH_BYTES, Engine, FactorSource, dist_info, module_generator, plan_groups
+from .engine import (
+    DEFAULT_MAX_BATCH_BYTES,
+    Engine,
+    FactorSource,
+    dist_info,
+    module_generator,
+    plan_groups,
+    target_rank,
+)
 from .joint import init_full, jd_full, solve_spd
 from .metrics import (
     dtype_bytes,
@@ -561,6 +569,55 @@ def plan_for_target(
     return min(candidates, key=lambda p: (_plan_floats(p), _plan_error(p)))
 
 
+# ------------------------------------------------------------------------------------------------ SVD baseline
+
+
+def svd_baseline(
+    source: FactorSource,
+    floats: int,
+    *,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+) -> Optional[dict[str, Any]]:
+    """Per-adapter SVD at the same size: the largest uniform rank q whose SVD bundle (with `compress`'s per-module
+    caps) stores at most `floats` elements, and its mean error, exact from the canonical singular values
+    (Eckart–Young: error_i = 1 − Σ_{j≤q} s_ij² in normalised units). None when even rank 1 does not fit.
+
+    One read of the adapters and a small SVD per adapter and module: cheap next to a joint fit, so a fixed-rank
+    bundle can report whether a budget plan would have spent its bytes better."""
+    shapes, ranks = source.shapes(), source.ranks()
+    N = len(source.names)
+
+    def caps(q: int) -> dict[str, int]:
+        return {m: target_rank("svd", q, d_out, d_in, ranks[m]) for m, (d_out, d_in) in shapes.items()}
+
+    def size(q: int) -> int:
+        return sum(module_floats(*shapes[m], N, k, N, "diag") for m, k in caps(q).items())
+
+    q = 0
+    while q < max(max(r) for r in ranks.values()) and size(q + 1) <= floats:
+        q += 1
+    if q == 0:
+        return None
+    rank_of = caps(q)
+    sums = torch.zeros(N, dtype=torch.float64)
+    counts = torch.zeros(N, dtype=torch.float64)
+    groups = plan_groups(shapes, ranks, "jd", 1, 1, dtype_bytes(compute_dtype), max_batch_bytes)
+    for group in groups:
+        A, B = source.load(group.modules, group.R, compute_dtype)
+        batch = canonicalize(A.to(device), B.to(device))
+        captured = batch.s.square().cumsum(-1)  # [M, N, R]
+        for j, module in enumerate(group.modules):
+            k = min(rank_of[module], captured.shape[-1])
+            err = (batch.energy[j] - captured[j, :, k - 1]).clamp_min(0.0).double().cpu()  # [N]
+            present = torch.tensor([r > 0 for r in ranks[module]])
+            sums += torch.where(present, err, 0.0)
+            counts += present.double()
+    per_adapter = sums / counts.clamp_min(1)
+    return {"rank": q, "floats": size(q), "mean_error": float(per_adapter[counts > 0].mean())}
+
+
 # ------------------------------------------------------------------------------------------------ driver
 
 
@@ -835,4 +892,5 @@ __all__ = [
     "parse_budget",
     "plan_for_target",
     "rank_grid",
+    "svd_baseline",
 ]
