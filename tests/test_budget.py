@@ -135,20 +135,24 @@ def test_never_above_either_baseline_at_equal_floats(kind, budget):
 
 
 @pytest.mark.parametrize("kind", ["random", "shared"])
-def test_fixed_rank_report_carries_the_svd_baseline_at_the_same_size(kind):
+def test_fixed_rank_report_carries_the_svd_baseline_around_its_size(kind):
     source = collection(kind, noise=0.3)
     bundle = compress(source, rank=12, progress=False, device="cpu")
     floats = bundle.report["params"]["bundle"]
-    svd = bundle.report["svd_same_floats"]
-    assert svd["rank"] == largest_uniform_rank(source, floats, "svd") and svd["floats"] <= floats
-    # It is the error of the SVD bundle `compress` builds at that rank, predicted without building it.
-    real = compress(source, method="svd", rank=svd["rank"], progress=False, device="cpu")
-    assert svd["floats"] == real.report["params"]["bundle"]
-    assert svd["mean_error"] == pytest.approx(real.report["overall"]["mean_error"], rel=1e-9, abs=1e-12)
+    same, above = bundle.report["svd_baseline"]["same_floats"], bundle.report["svd_baseline"]["next_rank"]
+    assert same["rank"] == largest_uniform_rank(source, floats, "svd") and same["floats"] <= floats
+    assert above["rank"] == same["rank"] + 1 and above["floats"] > floats
+    # Each is the error of the SVD bundle `compress` builds at that rank, predicted without building it.
+    for point in (same, above):
+        real = compress(source, method="svd", rank=point["rank"], progress=False, device="cpu")
+        assert point["floats"] == real.report["params"]["bundle"]
+        assert point["mean_error"] == pytest.approx(real.report["overall"]["mean_error"], rel=1e-9, abs=1e-12)
     # Unrelated adapters: SVD spends the same bytes better; one shared basis: the joint fit does.
     jd = bundle.report["overall"]["mean_error"]
-    assert (svd["mean_error"] < 0.9 * jd) if kind == "random" else (svd["mean_error"] > jd)
-    assert compress(source, rank=1, progress=False, device="cpu").report["svd_same_floats"] is None  # no rank fits
+    assert (same["mean_error"] < 0.9 * jd) if kind == "random" else (same["mean_error"] > jd)
+    # A bundle smaller than rank-1 SVD everywhere still gets the rank-1 point (with its larger size).
+    small = compress(source, rank=1, progress=False, device="cpu").report
+    assert small["svd_baseline"]["same_floats"] is None and small["svd_baseline"]["next_rank"]["rank"] == 1
 
 
 def test_reported_floats_match_the_tensors_and_the_budget():
@@ -310,7 +314,7 @@ def test_cli_convert_with_budget_and_target_error(tmp_path, capsys):
     report = load_bundle(tmp_path / "b1").report
     assert report["method"] == "budget" and report["budget"]["requested"] == "3x"
     assert report["params"]["bundle"] <= report["budget"]["floats"] and out["summary"]["method"] == "budget"
-    assert "svd_same_floats" not in report  # a plan has its baselines in report["budget"]
+    assert "svd_baseline" not in report  # a plan has its baselines in report["budget"]
     card = (tmp_path / "b1" / "README.md").read_text()
     assert "## Budget plan" in card and "per-adapter SVD, one rank everywhere" in card
     assert f"| this bundle | {report['budget']['plan_floats']:,} |" in card
@@ -323,7 +327,26 @@ def test_cli_convert_with_budget_and_target_error(tmp_path, capsys):
     # A fixed-rank bundle of unrelated adapters says that per-adapter SVD would use its bytes better.
     assert main(["convert", *sources, "--out", str(tmp_path / "b3"), "--rank", "8", "--no-base-check", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    svd = load_bundle(tmp_path / "b3").report["svd_same_floats"]
-    assert svd["rank"] >= 1 and "hint:" in printed and f"per-adapter SVD (rank {svd['rank']})" in printed
+    same = load_bundle(tmp_path / "b3").report["svd_baseline"]["same_floats"]
+    assert "hint:" in printed and f"per-adapter SVD (rank {same['rank']}) has mean error" in printed
     card = (tmp_path / "b3" / "README.md").read_text()
-    assert f"| per-adapter SVD in the same bytes | rank {svd['rank']}, mean error" in card
+    assert f"| per-adapter SVD near this size | rank {same['rank']}: mean error" in card
+
+
+def test_budget_hint_thresholds():
+    from jdlora_hub.cli import budget_hint
+
+    def summary(same, above):
+        point = lambda rank, floats, error: {"rank": rank, "floats": floats, "mean_error": error}  # noqa: E731
+        baseline = {
+            "same_floats": None if same is None else point(1, *same),
+            "next_rank": None if above is None else point(2, *above),
+        }
+        return {"svd_baseline": baseline, "mean_error": 0.4, "params_bundle": 1000, "compression_ratio": 16.0}
+
+    hint = budget_hint(summary((900, 0.3), None))
+    assert "rank 1" in hint and "0.90x these bytes" in hint and "--budget 16.0x" in hint
+    assert budget_hint(summary((900, 0.37), (2000, 0.1))) is None  # within 10%, and rank 2 costs 2x the bytes
+    assert "rank 2" in budget_hint(summary(None, (1200, 0.2)))  # the next rank at 1.2x the bytes
+    assert budget_hint(summary(None, (1300, 0.2))) is None
+    assert budget_hint({"mean_error": 0.4, "params_bundle": 1000}) is None  # budget plans carry no svd_baseline

@@ -507,8 +507,28 @@ def _fail(prog: str, args: argparse.Namespace, message: str, code: ExitCode) -> 
 # ---------------------------------------------------------------------------------------------------- text output
 
 
-# A fixed-rank bundle suggests a budget plan when per-adapter SVD in the same bytes has below this share of its error.
-SVD_HINT = 0.9
+# A fixed-rank bundle suggests a budget plan when per-adapter SVD has below this share of its error, in at most its
+# bytes, or in at most SVD_HINT_BYTES times its bytes at the next rank (which a plan can mix with cheaper modules).
+SVD_HINT_ERROR = 0.9
+SVD_HINT_BYTES = 1.25
+
+
+def budget_hint(summary: dict[str, Any]) -> Optional[str]:
+    """The line that tells a user of the fixed default that these adapters share little, or None."""
+    from .card import format_error
+
+    baseline, error, floats = summary.get("svd_baseline") or {}, summary.get("mean_error"), summary.get("params_bundle")
+    if not error or not floats:
+        return None
+    for key, max_bytes in (("same_floats", 1.0), ("next_rank", SVD_HINT_BYTES)):
+        point = baseline.get(key)
+        if point and point["mean_error"] < SVD_HINT_ERROR * error and point["floats"] <= max_bytes * floats:
+            return (
+                f"per-adapter SVD (rank {point['rank']}) has mean error {format_error(point['mean_error'])} in "
+                f"{point['floats'] / floats:.2f}x these bytes: the adapters share little; "
+                f"--budget {summary['compression_ratio']:.1f}x chooses per module"
+            )
+    return None
 
 
 def _format_result(result: Any) -> str:
@@ -540,12 +560,9 @@ def _format_result(result: Any) -> str:
                 f"error:         mean {format_error(s['mean_error'])}, worst {s.get('worst_adapter')} "
                 f"({format_error(s.get('worst_error'))})"
             )
-        svd = s.get("svd_same_floats")
-        if result.command == "convert" and svd and svd["mean_error"] < SVD_HINT * (s.get("mean_error") or 0.0):
-            lines.append(
-                f"hint:          per-adapter SVD (rank {svd['rank']}) has mean error {format_error(svd['mean_error'])} "
-                f"in these bytes (the adapters share little); --budget {s['compression_ratio']:.1f}x chooses per module"
-            )
+        hint = budget_hint(s) if result.command == "convert" else None
+        if hint:
+            lines.append(f"hint:          {hint}")
         check = (result.extra.get("verification") or s.get("verification") or {}).get("base_model_check")
         if check:
             if check.get("status") == "ok":

@@ -182,7 +182,7 @@ def compress(
         # Whether the same bytes as per-adapter SVD would do better (unrelated adapters): the hint to use a budget.
         from .budget import svd_baseline
 
-        bundle.report["svd_same_floats"] = svd_baseline(
+        bundle.report["svd_baseline"] = svd_baseline(
             source, bundle.report["params"]["bundle"], device=device, compute_dtype=compute_dtype
         )
     return bundle

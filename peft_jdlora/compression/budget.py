@@ -579,15 +579,18 @@ def svd_baseline(
     device: torch.device,
     compute_dtype: torch.dtype,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-) -> Optional[dict[str, Any]]:
-    """Per-adapter SVD at the same size: the largest uniform rank q whose SVD bundle (with `compress`'s per-module
-    caps) stores at most `floats` elements, and its mean error, exact from the canonical singular values
-    (Eckart–Young: error_i = 1 − Σ_{j≤q} s_ij² in normalised units). None when even rank 1 does not fit.
+) -> dict[str, Optional[dict[str, Any]]]:
+    """Per-adapter SVD around the size `floats`: {"same_floats": the largest uniform rank q whose SVD bundle (with
+    `compress`'s per-module caps) stores at most `floats` elements, "next_rank": rank q + 1}, each {"rank", "floats",
+    "mean_error"} or None (no rank fits / q is already lossless). Errors are exact from the canonical singular values
+    (Eckart–Young: error_i = 1 − Σ_{j≤q} s_ij² in normalised units).
 
     One read of the adapters and a small SVD per adapter and module: cheap next to a joint fit, so a fixed-rank
-    bundle can report whether a budget plan would have spent its bytes better."""
+    bundle can report whether a budget plan would have spent its bytes better. "next_rank" covers small bundles that
+    even rank 1 does not fit (a budget plan can still mix rank-1 SVD modules with cheap shared ones)."""
     shapes, ranks = source.shapes(), source.ranks()
     N = len(source.names)
+    max_rank = max(max(r) for r in ranks.values())
 
     def caps(q: int) -> dict[str, int]:
         return {m: target_rank("svd", q, d_out, d_in, ranks[m]) for m, (d_out, d_in) in shapes.items()}
@@ -596,26 +599,28 @@ def svd_baseline(
         return sum(module_floats(*shapes[m], N, k, N, "diag") for m, k in caps(q).items())
 
     q = 0
-    while q < max(max(r) for r in ranks.values()) and size(q + 1) <= floats:
+    while q < max_rank and size(q + 1) <= floats:
         q += 1
-    if q == 0:
-        return None
-    rank_of = caps(q)
-    sums = torch.zeros(N, dtype=torch.float64)
+    wanted = [k for k in (q, q + 1) if 1 <= k <= max_rank]
+    sums = torch.zeros(len(wanted), N, dtype=torch.float64)
     counts = torch.zeros(N, dtype=torch.float64)
     groups = plan_groups(shapes, ranks, "jd", 1, 1, dtype_bytes(compute_dtype), max_batch_bytes)
-    for group in groups:
+    for group in groups if wanted else []:
         A, B = source.load(group.modules, group.R, compute_dtype)
         batch = canonicalize(A.to(device), B.to(device))
         captured = batch.s.square().cumsum(-1)  # [M, N, R]
         for j, module in enumerate(group.modules):
-            k = min(rank_of[module], captured.shape[-1])
-            err = (batch.energy[j] - captured[j, :, k - 1]).clamp_min(0.0).double().cpu()  # [N]
             present = torch.tensor([r > 0 for r in ranks[module]])
-            sums += torch.where(present, err, 0.0)
             counts += present.double()
-    per_adapter = sums / counts.clamp_min(1)
-    return {"rank": q, "floats": size(q), "mean_error": float(per_adapter[counts > 0].mean())}
+            for w, k in enumerate(wanted):
+                k = min(caps(k)[module], captured.shape[-1])
+                err = (batch.energy[j] - captured[j, :, k - 1]).clamp_min(0.0).double().cpu()  # [N]
+                sums[w] += torch.where(present, err, 0.0)
+    points = {}
+    for w, k in enumerate(wanted):
+        per_adapter = sums[w] / counts.clamp_min(1)
+        points[k] = {"rank": k, "floats": size(k), "mean_error": float(per_adapter[counts > 0].mean())}
+    return {"same_floats": points.get(q), "next_rank": points.get(q + 1)}
 
 
 # ------------------------------------------------------------------------------------------------ driver
