@@ -2,7 +2,8 @@
 
 Compares, on one model and one batch shape, for 1, 8, 64, 256 and 1000 resident adapters:
   (a) the base model, (b) one LoRA, (c) PEFT LoRA with all adapters loaded and `adapter_names=` per row,
-  (d) the JD-LoRA bundle with `adapter_ids=` per row,
+  (d) the JD-LoRA bundle with `adapter_ids=` per row (the default shape: one shared basis per module), and a bundle of
+      per-adapter SVD on every module (the shape budget plans pick for unrelated adapters; `--svd-rank`),
 and reports tokens/s of greedy generation and of a prefill forward, plus the resident adapter memory.
 
     python benchmarks/serving.py --out serving.json                      # CPU, 4-layer 576-wide Llama
@@ -69,6 +70,7 @@ def lora_folders(base: LlamaForCausalLM, count: int, rank: int, root: Path) -> l
 
 
 def random_bundle_for(base: LlamaForCausalLM, count: int, rank: int, root: Path) -> Path:
+    """The default bundle's shape: one shared basis of `rank` per module, full Σ."""
     names = [f"lora_{i:04d}" for i in range(count)]
     modules = {}
     gen = torch.Generator().manual_seed(0)
@@ -82,6 +84,33 @@ def random_bundle_for(base: LlamaForCausalLM, count: int, rank: int, root: Path)
             )
     config = JDLoraConfig(target_modules=sorted(modules), r=rank, adapter_names=names, task_type="CAUSAL_LM")
     path = root / f"bundle_{count}"
+    save_bundle(Bundle(config=config, modules=modules), path)
+    return path
+
+
+def svd_bundle_for(base: LlamaForCausalLM, count: int, rank: int, root: Path) -> Path:
+    """The shape budget plans choose on unrelated adapters: per-adapter SVD of `rank` (a singleton cluster per
+    adapter, diagonal Σ) on every module."""
+    names = [f"lora_{i:04d}" for i in range(count)]
+    modules = {}
+    gen = torch.Generator().manual_seed(1)
+    for name, module in base.named_modules():
+        if name.endswith(("q_proj", "v_proj")) and isinstance(module, torch.nn.Linear):
+            d_out, d_in = module.out_features, module.in_features
+            U = torch.linalg.qr(torch.randn(count, d_out, rank, generator=gen))[0]  # [N, d_out, q]
+            V = torch.linalg.qr(torch.randn(count, d_in, rank, generator=gen))[0].mT  # [N, q, d_in]
+            sigma = 0.02 * torch.randn(count, rank, generator=gen)  # [N, q]
+            modules[name] = ModuleFactors(U.contiguous(), V.contiguous(), sigma)
+    config = JDLoraConfig(
+        target_modules=sorted(modules),
+        r=rank,
+        sigma_type="diag",
+        num_clusters=count,
+        adapter_clusters=list(range(count)),
+        adapter_names=names,
+        task_type="CAUSAL_LM",
+    )
+    path = root / f"svd_bundle_{count}"
     save_bundle(Bundle(config=config, modules=modules), path)
     return path
 
@@ -133,6 +162,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-peft-above", type=int, default=1000, help="skip PEFT adapter_names above this count")
+    parser.add_argument(
+        "--svd-rank",
+        type=int,
+        default=2,
+        help="also time a bundle of per-adapter SVD of this rank on every module (the shape budget plans pick for "
+        "unrelated adapters); 0 skips it",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -198,6 +234,11 @@ def main() -> None:
             count: random_bundle_for(make_base(args.layers, "cpu", torch.float32), count, args.rank, root)
             for count in counts
         }
+        svd_bundles = {
+            count: svd_bundle_for(make_base(args.layers, "cpu", torch.float32), count, args.svd_rank, root)
+            for count in counts
+            if args.svd_rank
+        }
         gc.collect()
         base = make_base(args.layers, args.device, dtype)
         measure("base model", 0, make_base(args.layers, args.device, dtype), {}, 0)
@@ -222,6 +263,12 @@ def main() -> None:
             measure("JD-LoRA adapter_ids", count, jd, {"adapter_ids": rows}, adapter_bytes(jd, ".jd_"))
             del jd
             gc.collect()
+            if count in svd_bundles:
+                plan = PeftModel.from_pretrained(make_base(args.layers, args.device, dtype), svd_bundles[count]).eval()
+                label = f"JD-LoRA SVD r'={args.svd_rank}"
+                measure(label, count, plan, {"adapter_ids": rows}, adapter_bytes(plan, ".jd_"))
+                del plan
+                gc.collect()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     print(f"machine: {machine}; peft_jdlora {peft_jdlora.__version__}; torch {torch.__version__}")
