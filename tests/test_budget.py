@@ -9,7 +9,7 @@ from conftest import tiny_llama
 from jdlora_hub.testing.adapters import make_lora_adapter, save_base_model
 from peft import PeftModel
 
-from peft_jdlora import export_lora, load_bundle, save_bundle
+from peft_jdlora import export_lora, load_bundle, ops, save_bundle
 from peft_jdlora.compression import LoraAdapter, compress
 from peft_jdlora.compression.budget import (
     budget_to_floats,
@@ -295,6 +295,18 @@ def test_mixed_budget_plan_serves_its_own_reconstruction(tmp_path):
         mixed = model(input_ids=IDS, adapter_ids=names[:4]).logits
         expected = lora(input_ids=IDS, adapter_names=names[:4]).logits
     torch.testing.assert_close(mixed, expected, atol=1e-4, rtol=1e-4)
+    # The Triton kernels serve the same plan (per-module ranks, Σ types and singleton clusters): under the
+    # interpreter on CPU here, compiled on a GPU.
+    if not ops.triton_available(torch.device("cpu")):
+        pytest.skip("the Triton interpreter is off (TRITON_INTERPRET=1 before triton is imported)")
+    ops.set_backend("triton")
+    try:
+        with torch.no_grad():
+            kernels = model(input_ids=IDS, adapter_ids=[names[0], None, names[2], names[3]]).logits
+    finally:
+        ops.set_backend("auto")
+    torch.testing.assert_close(kernels[[0, 2, 3]], expected[[0, 2, 3]], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kernels[1], model(input_ids=IDS[1:2]).logits[0], atol=1e-5, rtol=1e-5)  # base row
 
 
 def test_cli_convert_with_budget_and_target_error(tmp_path, capsys):
