@@ -96,9 +96,10 @@ def compress(
         cluster_counts: cluster counts a budget plan considers besides one shared basis and per-adapter SVD.
 
     Returns:
-        The bundle, with `bundle.report` (fidelity, sizes, timings) and `config.adapter_sources` filled. Under
-        `torch.distributed` the modules are split over the processes and the bundle is returned on rank 0 only
-        (None on the other ranks).
+        The bundle, with `bundle.report` (fidelity, sizes, timings; for `method="jd"` in one process, also
+        "svd_baseline": the exact error of a per-adapter SVD around the same size, see `budget.svd_baseline`) and
+        `config.adapter_sources` filled. Under `torch.distributed` the modules are split over the processes and the
+        bundle is returned on rank 0 only (None on the other ranks).
     """
     if method not in ("jd", "svd"):
         raise ValueError(f"method must be 'jd' or 'svd', got {method!r}.")
