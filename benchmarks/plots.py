@@ -1,13 +1,15 @@
 """Plots for docs/benchmarks.md from the results of benchmarks/peers.py and benchmarks/fidelity.py.
 
-    python benchmarks/plots.py                       # reads benchmarks/results/{peers,fidelity}.json
+    python benchmarks/plots.py                       # reads benchmarks/results/{peers,fidelity,budget_*}.json
     python benchmarks/plots.py --results /tmp/r --out /tmp/figs
 
 Writes (whichever inputs exist):
 - error_vs_bytes.png: the paper's squared relative error against stored bytes, every method and peer;
 - relative_performance_vs_rank.png: relative exact match / ROUGE-L, agreement and task-loss increase of JD-Full
   (1, 2, 4 clusters) and JD-Diag against rank;
-- fidelity_vs_bytes.png: agreement and relative ROUGE-L against stored bytes, every setting evaluated on the tasks.
+- fidelity_vs_bytes.png: agreement and relative ROUGE-L against stored bytes, every setting evaluated on the tasks;
+- budget_vs_baselines.png: error against stored floats of the budget plans and the uniform baselines at the same
+  floats (benchmarks/budget.py results, budget_*.json), one panel per collection.
 """
 
 from __future__ import annotations
@@ -179,6 +181,41 @@ def plot_fidelity_vs_bytes(fid: dict[str, Any], out: Path) -> Path:
     return path
 
 
+def plot_budget(rows: list[dict[str, Any]], out: Path) -> Path:
+    """Budget plan vs per-adapter SVD, one basis and 2 clusters at the same floats, per collection."""
+    collections = sorted({r["collection"] for r in rows})
+    fig, axes = plt.subplots(1, len(collections), figsize=(4.6 * len(collections), 4), squeeze=False)
+    series = [
+        ("budget", {"color": "black", "marker": "o", "label": "budget plan"}),
+        ("svd", STYLE["svd"]),
+        ("jd1", STYLE["jd-full C=1"]),
+        ("jd2", STYLE["jd-full C=2"]),
+    ]
+    for ax, collection in zip(axes[0], collections):
+        picked = sorted((r for r in rows if r["collection"] == collection), key=lambda r: r["floats"])
+        for key, style in series:
+            # The plan's floats are the row's; a baseline's are its own (at most the plan's).
+            pts = [(r[key].get("floats", r["floats"]), r[key]["mean_error"]) for r in picked if r[key]]
+            if pts:
+                ax.plot(*zip(*pts), marker=style["marker"], color=style["color"], label=style["label"])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(PLAIN)
+            axis.set_minor_formatter(NullFormatter())
+        ax.set_title(collection, fontsize=9)
+        ax.set_xlabel("stored floats (log)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("mean squared relative error (log)")
+    fig.suptitle("Budget plans against uniform baselines at the same floats", fontsize=9)
+    fig.tight_layout()
+    path = out / "budget_vs_baselines.png"
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
@@ -193,6 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(fid.get("runs", {})) > 1:
             written.append(plot_relative_vs_rank(fid, args.out))
             written.append(plot_fidelity_vs_bytes(fid, args.out))
+    budget_rows = [r for f in sorted(args.results.glob("budget_*.json")) for r in json.loads(f.read_text())["rows"]]
+    if budget_rows:
+        written.append(plot_budget(budget_rows, args.out))
     for path in written:
         print(path)
     if not written:
