@@ -10,11 +10,18 @@ from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from ..bundle import Bundle, ModuleFactors
 from ..config import JDLoraConfig
-from .engine import DEFAULT_MAX_BATCH_BYTES, AdapterSource, Engine, EngineResult, FactorSource, dist_info, plan_groups
+from .engine import (
+    DEFAULT_MAX_BATCH_BYTES,
+    AdapterSource,
+    Engine,
+    EngineResult,
+    FactorSource,
+    canonical_batches,
+    dist_info,
+)
 from .joint import solve_spd
 from .metrics import (
     dtype_bytes,
@@ -27,7 +34,7 @@ from .metrics import (
     summarise,
 )
 from .sources import AdapterReadError, LoraAdapter, as_adapters
-from .svd import CanonicalBatch, canonicalize, truncated_svd
+from .svd import CanonicalBatch, truncated_svd
 
 AdapterLike = Union[LoraAdapter, str, os.PathLike]
 
@@ -296,14 +303,6 @@ def _build_bundle(
 # ------------------------------------------------------------------------------------------------ shared helpers
 
 
-def _batches(source: FactorSource, device: torch.device, dtype: torch.dtype, progress: bool, desc: str):
-    """(modules, CanonicalBatch) for batches of same-shape modules of `source`."""
-    groups = plan_groups(source.shapes(), source.ranks(), "jd", 1, 1, dtype_bytes(dtype), DEFAULT_MAX_BATCH_BYTES)
-    for group in tqdm(groups, desc=desc, unit="batch", disable=not progress, leave=False):
-        A, B = source.load(group.modules, group.R, dtype)
-        yield group.modules, canonicalize(A.to(device), B.to(device))
-
-
 def _check_against_bundle(bundle: Bundle, adapters: Sequence[LoraAdapter], check_base_model: bool = True) -> None:
     """The adapters' modules exist in the bundle with the same shapes, and they were made for its base model."""
     config = bundle.config
@@ -412,7 +411,7 @@ def project(
     # modules a single candidate (each adapter's own basis) and the new bases.
     candidates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     new_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for modules, batch in _batches(source, device, compute, progress, "project"):
+    for modules, batch in canonical_batches(source, device, compute, progress, "project"):
         for j, module in enumerate(modules):
             f = bundle.modules[module]
             sub = batch.modules(torch.tensor([j], device=device))
@@ -656,7 +655,7 @@ def evaluate(
     device = _resolve_device(device) if device is not None else torch.device("cpu")
     source = AdapterSource(adapters, check_base_model=False)
     errors: dict[str, dict[str, float]] = {a.name: {} for a in adapters}
-    for modules, batch in _batches(source, device, torch.float64, progress, "evaluate"):
+    for modules, batch in canonical_batches(source, device, torch.float64, progress, "evaluate"):
         for j, module in enumerate(modules):
             sub = batch.modules(torch.tensor([j], device=device))
             if module not in bundle.modules:

@@ -64,6 +64,7 @@ from .engine import (
     DEFAULT_MAX_BATCH_BYTES,
     Engine,
     FactorSource,
+    canonical_batches,
     dist_info,
     module_generator,
     plan_groups,
@@ -601,25 +602,24 @@ def svd_baseline(
     q = 0
     while q < max_rank and size(q + 1) <= floats:
         q += 1
-    wanted = [k for k in (q, q + 1) if 1 <= k <= max_rank]
-    sums = torch.zeros(len(wanted), N, dtype=torch.float64)
+    rank_of = {k: caps(k) for k in (q, q + 1) if 1 <= k <= max_rank}  # {uniform rank: {module: capped rank}}
+    if not rank_of:
+        return {"same_floats": None, "next_rank": None}
+    sums = {k: torch.zeros(N, dtype=torch.float64) for k in rank_of}
     counts = torch.zeros(N, dtype=torch.float64)
-    groups = plan_groups(shapes, ranks, "jd", 1, 1, dtype_bytes(compute_dtype), max_batch_bytes)
-    for group in groups if wanted else []:
-        A, B = source.load(group.modules, group.R, compute_dtype)
-        batch = canonicalize(A.to(device), B.to(device))
+    for modules, batch in canonical_batches(source, device, compute_dtype, max_batch_bytes=max_batch_bytes):
         captured = batch.s.square().cumsum(-1)  # [M, N, R]
-        for j, module in enumerate(group.modules):
+        for j, module in enumerate(modules):
             present = torch.tensor([r > 0 for r in ranks[module]])
             counts += present.double()
-            for w, k in enumerate(wanted):
-                k = min(caps(k)[module], captured.shape[-1])
-                err = (batch.energy[j] - captured[j, :, k - 1]).clamp_min(0.0).double().cpu()  # [N]
-                sums[w] += torch.where(present, err, 0.0)
-    points = {}
-    for w, k in enumerate(wanted):
-        per_adapter = sums[w] / counts.clamp_min(1)
-        points[k] = {"rank": k, "floats": size(k), "mean_error": float(per_adapter[counts > 0].mean())}
+            for k, caps_k in rank_of.items():
+                kept = min(caps_k[module], captured.shape[-1])
+                err = (batch.energy[j] - captured[j, :, kept - 1]).clamp_min(0.0).double().cpu()  # [N]
+                sums[k] += torch.where(present, err, 0.0)
+    points = {
+        k: {"rank": k, "floats": size(k), "mean_error": float((sums[k] / counts.clamp_min(1))[counts > 0].mean())}
+        for k in rank_of
+    }
     return {"same_floats": points.get(q), "next_rank": points.get(q + 1)}
 
 

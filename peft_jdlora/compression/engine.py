@@ -177,6 +177,21 @@ def plan_groups(
     return groups
 
 
+def canonical_batches(
+    source: FactorSource,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = False,
+    desc: str = "",
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+):
+    """(modules, CanonicalBatch) for batches of same-shape modules of `source`, read once each."""
+    groups = plan_groups(source.shapes(), source.ranks(), "jd", 1, 1, dtype_bytes(dtype), max_batch_bytes)
+    for group in tqdm(groups, desc=desc, unit="batch", disable=not progress, leave=False):
+        A, B = source.load(group.modules, group.R, dtype)
+        yield group.modules, canonicalize(A.to(device), B.to(device))
+
+
 # ------------------------------------------------------------------------------------------------ distributed
 
 
