@@ -69,19 +69,25 @@ def lora_folders(base: LlamaForCausalLM, count: int, rank: int, root: Path) -> l
     return folders
 
 
+def qv_shapes(base: LlamaForCausalLM) -> dict[str, tuple[int, int]]:
+    """{module: (d_out, d_in)} of the q_proj / v_proj projections the adapters target."""
+    return {
+        name: (module.out_features, module.in_features)
+        for name, module in base.named_modules()
+        if name.endswith(("q_proj", "v_proj")) and isinstance(module, torch.nn.Linear)
+    }
+
+
 def random_bundle_for(base: LlamaForCausalLM, count: int, rank: int, root: Path) -> Path:
     """The default bundle's shape: one shared basis of `rank` per module, full Σ."""
     names = [f"lora_{i:04d}" for i in range(count)]
     modules = {}
     gen = torch.Generator().manual_seed(0)
-    for name, module in base.named_modules():
-        if name.endswith(("q_proj", "v_proj")) and isinstance(module, torch.nn.Linear):
-            d_out, d_in = module.out_features, module.in_features
-            U = torch.linalg.qr(torch.randn(d_out, rank, generator=gen))[0][None]
-            V = torch.linalg.qr(torch.randn(d_in, rank, generator=gen))[0].T[None]
-            modules[name] = ModuleFactors(
-                U.contiguous(), V.contiguous(), 0.02 * torch.randn(count, rank, rank, generator=gen)
-            )
+    for name, (d_out, d_in) in qv_shapes(base).items():
+        U = torch.linalg.qr(torch.randn(d_out, rank, generator=gen))[0][None]
+        V = torch.linalg.qr(torch.randn(d_in, rank, generator=gen))[0].T[None]
+        sigma = 0.02 * torch.randn(count, rank, rank, generator=gen)  # [N, r, r]
+        modules[name] = ModuleFactors(U.contiguous(), V.contiguous(), sigma)
     config = JDLoraConfig(target_modules=sorted(modules), r=rank, adapter_names=names, task_type="CAUSAL_LM")
     path = root / f"bundle_{count}"
     save_bundle(Bundle(config=config, modules=modules), path)
@@ -94,13 +100,11 @@ def svd_bundle_for(base: LlamaForCausalLM, count: int, rank: int, root: Path) ->
     names = [f"lora_{i:04d}" for i in range(count)]
     modules = {}
     gen = torch.Generator().manual_seed(1)
-    for name, module in base.named_modules():
-        if name.endswith(("q_proj", "v_proj")) and isinstance(module, torch.nn.Linear):
-            d_out, d_in = module.out_features, module.in_features
-            U = torch.linalg.qr(torch.randn(count, d_out, rank, generator=gen))[0]  # [N, d_out, q]
-            V = torch.linalg.qr(torch.randn(count, d_in, rank, generator=gen))[0].mT  # [N, q, d_in]
-            sigma = 0.02 * torch.randn(count, rank, generator=gen)  # [N, q]
-            modules[name] = ModuleFactors(U.contiguous(), V.contiguous(), sigma)
+    for name, (d_out, d_in) in qv_shapes(base).items():
+        U = torch.linalg.qr(torch.randn(count, d_out, rank, generator=gen))[0]  # [N, d_out, q]
+        V = torch.linalg.qr(torch.randn(count, d_in, rank, generator=gen))[0].mT  # [N, q, d_in]
+        sigma = 0.02 * torch.randn(count, rank, generator=gen)  # [N, q]
+        modules[name] = ModuleFactors(U.contiguous(), V.contiguous(), sigma)
     config = JDLoraConfig(
         target_modules=sorted(modules),
         r=rank,
