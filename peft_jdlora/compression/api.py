@@ -148,10 +148,7 @@ def compress(
     else:
         raise ValueError(f"clusters must be a positive integer or 'auto', got {clusters!r}.")
 
-    source = adapters if isinstance(adapters, FactorSource) else AdapterSource(as_adapters(adapters), check_base_model)
-    storage_dtype = dtype or source.dtype
-    if compute_dtype is None:
-        compute_dtype = torch.float64 if torch.float64 in (storage_dtype, source.dtype) else torch.float32
+    source, storage_dtype, compute_dtype = _source_and_dtypes(adapters, check_base_model, dtype, compute_dtype)
     device = _resolve_device(device)
     engine = Engine(
         source,
@@ -216,10 +213,7 @@ def _compress_budget(
     given = [name for name, (value, default) in fixed.items() if value != default]
     if given:
         raise ValueError(f"a budget plan chooses the clusters and representation per module; drop {given}.")
-    source = adapters if isinstance(adapters, FactorSource) else AdapterSource(as_adapters(adapters), check_base_model)
-    storage_dtype = dtype or source.dtype
-    if compute_dtype is None:
-        compute_dtype = torch.float64 if torch.float64 in (storage_dtype, source.dtype) else torch.float32
+    source, storage_dtype, compute_dtype = _source_and_dtypes(adapters, check_base_model, dtype, compute_dtype)
     resolved = _resolve_device(device)
     bundle = compress_with_budget(
         source,
@@ -234,6 +228,21 @@ def _compress_budget(
     )
     bundle.report.update({"device": str(resolved), "world_size": 1, "compute_dtype": dtype_name(compute_dtype)})
     return bundle
+
+
+def _source_and_dtypes(
+    adapters: Union[Sequence[AdapterLike], FactorSource],
+    check_base_model: bool,
+    dtype: Optional[torch.dtype],
+    compute_dtype: Optional[torch.dtype],
+) -> tuple[FactorSource, torch.dtype, torch.dtype]:
+    """The factor source, the storage dtype (default: the adapters') and the compute dtype (float64 when either is
+    float64, else float32)."""
+    source = adapters if isinstance(adapters, FactorSource) else AdapterSource(as_adapters(adapters), check_base_model)
+    storage_dtype = dtype or source.dtype
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if torch.float64 in (storage_dtype, source.dtype) else torch.float32
+    return source, storage_dtype, compute_dtype
 
 
 def _json_safe(value: Any) -> Any:
