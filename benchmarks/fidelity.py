@@ -39,10 +39,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # peers.py beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # jdlora_common, shared with the demo
 
-from peers import collection_fingerprint, collection_folders, machine, safetensors_payload_bytes
-
-from peft_jdlora.demo import (
+from jdlora_common import (
     cache_root,
     chat_prompt,
     collate,
@@ -51,6 +50,7 @@ from peft_jdlora.demo import (
     tokenize_examples,
     write_json_atomic,
 )
+from peers import collection_fingerprint, collection_folders, machine, safetensors_payload_bytes
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_CONFIGS = (

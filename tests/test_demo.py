@@ -1,10 +1,16 @@
 """The demo's code path (train a LoRA collection, compress, serve a mixed batch, compare with PEFT LoRA) on a tiny
-Llama built from a config and a character-level tokenizer: no download, a few seconds."""
+Llama built from a config and a character-level tokenizer: no download, a few seconds. The demo (examples/demo.py)
+and its building blocks (examples/jdlora_common/) are scripts beside the library, not part of the installed package."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import string
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,19 +19,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from peft_jdlora import load_bundle
-from peft_jdlora.demo import (
-    END_OF_TURN,
-    DemoConfig,
-    Task,
-    TrainConfig,
-    chat_prompt,
-    format_report,
-    greedy_generate,
-    mixed_rows,
-    run_demo,
-    tokenize_examples,
-    train_lora,
-)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # the demo and jdlora_common
+
+from demo import DemoConfig, collection_folders, format_report, mixed_rows, run_demo
+from jdlora_common import END_OF_TURN, Task, TrainConfig, chat_prompt, greedy_generate, tokenize_examples, train_lora
 
 WORDS = [
     "apple", "bread", "chair", "dance", "eagle", "flame", "grape", "house", "input", "juice", "knife", "lemon",
@@ -168,11 +166,34 @@ def test_run_demo_end_to_end(tmp_path):
 
 
 def test_demo_collection_needs_eval_files(tmp_path):
-    from peft_jdlora.demo import collection_folders
-
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "adapter_config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"eval\.jsonl"):
         collection_folders(tmp_path, 4)
     with pytest.raises(FileNotFoundError, match="no adapter folders"):
         collection_folders(tmp_path / "x", 4)
+
+
+def test_library_modules_leave_hub_settings_alone(tmp_path):
+    """Importing the installed packages must not switch the Hub off in the user's process (the demo, when it lived in
+    peft_jdlora, set HF_HUB_OFFLINE on import), and the demo is no module of the library any more."""
+    code = (
+        "import importlib, os, pkgutil\n"
+        "import _peft_jdlora_autoload, jdlora_hub, jdlora_kernels, peft_jdlora\n"
+        "packages = (peft_jdlora, jdlora_hub, jdlora_kernels)\n"
+        "names = [m.name for p in packages for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.')]\n"
+        "for name in names:\n"
+        "    if not name.endswith('.__main__'):  # jdlora_hub.__main__ runs the CLI\n"
+        "        importlib.import_module(name)\n"
+        "print(len(names), os.environ.get('HF_HUB_OFFLINE'), os.environ.get('HF_HUB_DISABLE_TELEMETRY'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")}
+    env.pop("PYTHONPATH", None)  # what is installed only: neither examples/ nor the repository folder on sys.path
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    count, offline, telemetry = result.stdout.split()
+    assert int(count) > 10  # the walk found the modules
+    assert (offline, telemetry) == ("None", "None")
+    assert importlib.util.find_spec("peft_jdlora.demo") is None

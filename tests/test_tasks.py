@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from peft_jdlora.demo import CMUDICT_TASKS, Task, task_splits
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # jdlora_common, shared with the demo
+
+from jdlora_common import CMUDICT_TASKS, Task, task_splits
 
 ROOT = Path(__file__).resolve().parent.parent
 
