@@ -39,8 +39,8 @@ from typing import Any, Optional
 import torch
 
 from peft_jdlora.compression import compress
-from peft_jdlora.compression.budget import module_floats
-from peft_jdlora.compression.engine import AdapterSource, FactorSource, target_rank
+from peft_jdlora.compression.cost import module_floats, target_rank
+from peft_jdlora.compression.engine import AdapterSource, FactorSource
 from peft_jdlora.compression.sources import read_lora_adapter
 
 SMOLLM2_QV = {

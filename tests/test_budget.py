@@ -11,14 +11,8 @@ from peft import PeftModel
 
 from peft_jdlora import export_lora, load_bundle, ops, save_bundle
 from peft_jdlora.compression import LoraAdapter, compress
-from peft_jdlora.compression.budget import (
-    budget_to_floats,
-    bundle_floats,
-    module_floats,
-    parse_budget,
-    rank_grid,
-)
-from peft_jdlora.compression.engine import target_rank
+from peft_jdlora.compression.cost import budget_to_floats, bundle_floats, module_floats, parse_budget, target_rank
+from peft_jdlora.compression.curves import rank_grid
 from peft_jdlora.compression.synthetic import SyntheticSource
 
 torch.set_num_threads(1)

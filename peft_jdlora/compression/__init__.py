@@ -10,7 +10,7 @@ same shape, on the GPU when there is one, and split over processes under torch.d
 """
 
 from .api import compress, evaluate, is_svd_bundle, project, remove
-from .budget import bundle_floats, module_floats, parse_budget
+from .cost import bundle_floats, module_floats, parse_budget
 from .engine import AdapterSource, FactorSource
 from .sources import AdapterReadError, LoraAdapter, check_collection, read_lora_adapter
 

@@ -13,6 +13,7 @@ import torch
 
 from ..bundle import Bundle, ModuleFactors
 from ..config import JDLoraConfig
+from .cost import per_adapter_params, stored_floats
 from .engine import (
     DEFAULT_MAX_BATCH_BYTES,
     AdapterSource,
@@ -22,19 +23,19 @@ from .engine import (
     canonical_batches,
     dist_info,
 )
-from .joint import solve_spd
 from .metrics import (
     dtype_bytes,
     dtype_name,
     least_squares_sigma,
     overall,
-    relative_errors,
+    own_basis_cores,
     sigma_for_storage,
     size_report,
+    stored_errors,
     summarise,
 )
 from .sources import AdapterReadError, LoraAdapter, as_adapters
-from .svd import CanonicalBatch, truncated_svd
+from .svd import svd_baseline, truncated_svd
 
 AdapterLike = Union[LoraAdapter, str, os.PathLike]
 
@@ -104,7 +105,7 @@ def compress(
 
     Returns:
         The bundle, with `bundle.report` (fidelity, sizes, timings; for `method="jd"` in one process, also
-        "svd_baseline": the exact error of a per-adapter SVD around the same size, see `budget.svd_baseline`) and
+        "svd_baseline": the exact error of a per-adapter SVD around the same size, see `svd.svd_baseline`) and
         `config.adapter_sources` filled. Under `torch.distributed` the modules are split over the processes and the
         bundle is returned on rank 0 only (None on the other ranks).
     """
@@ -185,11 +186,8 @@ def compress(
     )
     if method == "jd" and engine.world == 1:
         # Whether the same bytes as per-adapter SVD would do better (unrelated adapters): the hint to use a budget.
-        from .budget import svd_baseline
-
-        bundle.report["svd_baseline"] = svd_baseline(
-            source, bundle.report["params"]["bundle"], device=device, compute_dtype=compute_dtype
-        )
+        batches = canonical_batches(source, device, compute_dtype, max_batch_bytes=max_batch_bytes)
+        bundle.report["svd_baseline"] = svd_baseline(source, bundle.report["params"]["bundle"], batches)
     return bundle
 
 
@@ -276,12 +274,10 @@ def _build_bundle(
             if e == e:  # not NaN: the adapter has the module
                 errors[names[i]][module] = e
     summary = summarise(errors, {n: result.assignment[i] for i, n in enumerate(names)})
-    shapes, module_ranks = source.shapes(), source.ranks()
-    for i, name in enumerate(names):
-        params = sum(module_ranks[m][i] * (d_out + d_in) for m, (d_out, d_in) in shapes.items())
+    for name, params in zip(names, per_adapter_params(source.shapes(), source.ranks())):
         summary["per_adapter"][name]["params"] = params
     original_params, original_bytes = source.original_size()
-    bundle_params = sum(f.U.numel() + f.V.numel() + f.sigma.numel() for f in modules.values())
+    bundle_params = stored_floats(modules.values())
     full_iters = [res.stats.get("jd_full", 0) for res in result.modules.values()]
     iterations: dict[str, Any] = {"cluster_passes": result.cluster_passes}
     if method == "jd":
@@ -430,15 +426,16 @@ def project(
                 U = torch.nn.functional.pad(U, (0, r - U.shape[-1]))[0].to(storage)  # [N_new, d_out, r]
                 V = torch.nn.functional.pad(V, (0, r - V.shape[-1]))[0].to(storage)  # [N_new, d_in, r]
                 new_bases[module] = (U.cpu(), V.mT.contiguous().cpu())
-                sigma, err = _own_basis_cores(sub, U.to(compute), V.to(compute), storage)
-                candidates[module] = (sigma.unsqueeze(0), err.unsqueeze(0))
+                # Each new adapter in its own basis (as stored): a diagonal least-squares core.
+                sigma, err = own_basis_cores(sub, U.to(compute).unsqueeze(0), V.to(compute).unsqueeze(0), storage)
+                candidates[module] = (sigma.cpu(), err.double().cpu())  # [1, N_new, r], [1, N_new]
                 continue
             U_all, V_all = _bases(f, compute, device)
             sigmas, errs = [], []
             for c in range(U_all.shape[0]):
                 sigma, T, gram_u, gram_v = least_squares_sigma(sub, U_all[c : c + 1], V_all[c : c + 1], diag)
                 stored = sigma_for_storage(sigma, sub.norm, storage)
-                err = relative_errors(sub, _unit(stored, sub.norm, compute), T, gram_u, gram_v)
+                err = stored_errors(sub, stored, T, gram_u, gram_v)
                 sigmas.append(stored[0].cpu())
                 errs.append(err[0].double().cpu())
             candidates[module] = (torch.stack(sigmas), torch.stack(errs))
@@ -522,28 +519,6 @@ def project(
     return new_bundle
 
 
-def _own_basis_cores(
-    batch: CanonicalBatch, U: torch.Tensor, V: torch.Tensor, storage: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Diagonal cores and errors of adapters in their own bases U [N, d_out, r], V [N, d_in, r] (one module)."""
-    N = batch.num_adapters
-    B = batch.B.view(1, batch.B.shape[1], N, -1).permute(0, 2, 1, 3)[0]  # [N, d_out, R]
-    G = B.mT @ U  # [N, R, r]
-    H = batch.right_vectors()[0].mT @ V  # [N, R, r]
-    T = (G.mT @ H).unsqueeze(0)  # [1, N, r, r]
-    gram_u, gram_v = (U.mT @ U).unsqueeze(0), (V.mT @ V).unsqueeze(0)  # [1, N, r, r]
-    sigma = solve_spd(gram_u * gram_v, T.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)).squeeze(-1)  # [1, N, r]
-    stored = sigma_for_storage(sigma, batch.norm, storage)
-    err = relative_errors(batch, _unit(stored, batch.norm, U.dtype), T, gram_u, gram_v)
-    return stored[0].cpu(), err[0].double().cpu()
-
-
-def _unit(stored: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    shape = norm.shape + (1,) * (stored.dim() - norm.dim())
-    inv = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
-    return stored.to(dtype) * inv.view(shape)
-
-
 def _replace_config(config: JDLoraConfig, **changes: Any) -> JDLoraConfig:
     data = config.to_dict()
     data.pop("peft_type", None)
@@ -556,7 +531,7 @@ def _refresh_sizes(bundle: Bundle, original_extra: int = 0, original_removed: in
     """Recompute the report's parameter and byte counts after adapters were added or removed."""
     report = bundle.report
     storage = next(iter(bundle.modules.values())).sigma.dtype
-    bundle_params = sum(f.U.numel() + f.V.numel() + f.sigma.numel() for f in bundle.modules.values())
+    bundle_params = stored_floats(bundle.modules.values())
     original_params = _original_params(report.get("per_adapter", {}))
     old_bytes = report.get("bytes", {}).get("original")
     if old_bytes is None:
@@ -680,7 +655,7 @@ def evaluate(
                 part = sub.adapters(torch.tensor(members, device=device))
                 _, T, gram_u, gram_v = least_squares_sigma(part, U_all[c : c + 1], V_all[c : c + 1], f.sigma.dim() == 2)
                 stored = f.sigma[[slots[i] for i in members]].unsqueeze(0).to(device)
-                err = relative_errors(part, _unit(stored, part.norm, torch.float64), T, gram_u, gram_v)[0]
+                err = stored_errors(part, stored, T, gram_u, gram_v)[0]
                 for k, i in enumerate(members):
                     if module in adapters[i].modules:
                         errors[adapters[i].name][module] = float(err[k])

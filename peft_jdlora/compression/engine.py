@@ -23,8 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .cluster import compact, kmeanspp_pick, reassign, seed_basis
-from .joint import init_full, jd_diag, jd_full, projected_cores, solve_spd
-from .metrics import dtype_bytes, least_squares_sigma, relative_errors, sigma_for_storage
+from .cost import target_rank
+from .joint import init_full, jd_diag, jd_full, projected_cores
+from .metrics import dtype_bytes, least_squares_sigma, own_basis_cores, sigma_for_storage, stored_errors
 from .sources import LoraAdapter, check_collection
 from .svd import CanonicalBatch, canonicalize, truncated_svd
 
@@ -138,13 +139,6 @@ class Group:
 def module_generator(seed: int, module: str) -> torch.Generator:
     """CPU generator for a module's random start, from the seed and the module's name only."""
     return torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(module.encode())) % (2**63))
-
-
-def target_rank(method: str, rank: int, d_out: int, d_in: int, ranks: Sequence[int]) -> int:
-    """Rank stored for a module: the requested rank, capped where more columns cannot help (the rank of the
-    matrices, and the collection's total rank for a shared basis or an adapter's own rank for per-adapter SVD)."""
-    cap = max(ranks) if method == "svd" else sum(ranks)
-    return max(1, min(rank, d_out, d_in, cap))
 
 
 def plan_groups(
@@ -454,7 +448,7 @@ class Engine:
             )
             stored = sigma_for_storage(sigma, sub.norm, self.storage_dtype)
             sigma_all[:, members] = stored
-            err_all[:, members] = relative_errors(sub, _normalised(stored, sub.norm, sigma.dtype), T, gram_u, gram_v)
+            err_all[:, members] = stored_errors(sub, stored, T, gram_u, gram_v)
         present = self._present(group)
         errors = torch.where(present, err_all.double().cpu(), float("nan"))
         for j, module in enumerate(group.modules):
@@ -471,24 +465,16 @@ class Engine:
 
     def svd_pass(self) -> dict[str, ModuleResult]:
         """Per-adapter truncated SVD: a singleton cluster per adapter with a diagonal core."""
-        N = len(self.names)
         out: dict[str, ModuleResult] = {}
         for group in self._bar("SVD"):
             batch = self._canonical(group)
             U, V, _ = truncated_svd(batch, group.r)  # [M, N, d_out, r], [M, N, d_in, r]
             r = U.shape[-1]
             U_s, V_s = U.to(self.storage_dtype), V.to(self.storage_dtype)
-            Uq, Vq = U_s.to(self.compute_dtype), V_s.to(self.compute_dtype)
-            M, d_out, _ = batch.B.shape
-            B = batch.B.view(M, d_out, N, -1).permute(0, 2, 1, 3)  # [M, N, d_out, R]
-            G = B.mT @ Uq  # [M, N, R, r]
-            H = batch.right_vectors().mT @ Vq  # [M, N, R, r]
-            T = G.mT @ H  # [M, N, r, r]
-            gram_u, gram_v = Uq.mT @ Uq, Vq.mT @ Vq  # [M, N, r, r]
-            d = T.diagonal(dim1=-2, dim2=-1)
-            sigma = solve_spd(gram_u * gram_v, d.unsqueeze(-1)).squeeze(-1)  # [M, N, r]
-            stored = sigma_for_storage(sigma, batch.norm, self.storage_dtype)
-            err = relative_errors(batch, _normalised(stored, batch.norm, sigma.dtype), T, gram_u, gram_v)
+            # Cores fitted to the bases as stored (rounded), as for shared bases.
+            stored, err = own_basis_cores(
+                batch, U_s.to(self.compute_dtype), V_s.to(self.compute_dtype), self.storage_dtype
+            )
             present = self._present(group)
             errors = torch.where(present, err.double().cpu(), float("nan"))
             for j, module in enumerate(group.modules):
@@ -599,13 +585,6 @@ class Engine:
                 break
             assignment = new
         return errors, assignment, passes
-
-
-def _normalised(stored: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Stored cores back in normalised units (0 for zero updates)."""
-    shape = norm.shape + (1,) * (stored.dim() - norm.dim())
-    inv = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
-    return stored.to(dtype) * inv.view(shape)
 
 
 def _merge(gathered: Optional[list[dict[str, ModuleResult]]]) -> Optional[dict[str, ModuleResult]]:

@@ -62,6 +62,44 @@ def sigma_for_storage(sigma: torch.Tensor, norm: torch.Tensor, dtype: torch.dtyp
     return (sigma * norm.view(shape)).to(dtype)
 
 
+def normalised_cores(stored: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `sigma_for_storage`: stored cores back in normalised units, in `dtype` (0 for zero updates)."""
+    shape = norm.shape + (1,) * (stored.dim() - norm.dim())
+    inv = torch.where(norm > 0, 1.0 / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
+    return stored.to(dtype) * inv.view(shape)
+
+
+def stored_errors(
+    batch: CanonicalBatch,
+    stored: torch.Tensor,
+    T: torch.Tensor,
+    gram_u: torch.Tensor,
+    gram_v: torch.Tensor,
+) -> torch.Tensor:
+    """[M, N] errors of the cores as stored (storage dtype, norms restored) for bases with cross products T and Gram
+    matrices gram_u, gram_v (see `relative_errors`)."""
+    return relative_errors(batch, normalised_cores(stored, batch.norm, T.dtype), T, gram_u, gram_v)
+
+
+def own_basis_cores(
+    batch: CanonicalBatch, U: torch.Tensor, V: torch.Tensor, storage_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Diagonal least-squares cores of adapters stored in bases of their own (per-adapter SVD), and their errors.
+
+    U: [M, N, d_out, r], V: [M, N, d_in, r] (as stored, in the compute dtype). Returns the stored cores [M, N, r]
+    (storage dtype, norms restored) and the errors of those stored cores [M, N]."""
+    M, d_out, _ = batch.B.shape
+    N = batch.num_adapters
+    B = batch.B.view(M, d_out, N, -1).permute(0, 2, 1, 3)  # [M, N, d_out, R]
+    G = B.mT @ U  # [M, N, R, r]
+    H = batch.right_vectors().mT @ V  # [M, N, R, r]
+    T = G.mT @ H  # [M, N, r, r]
+    gram_u, gram_v = U.mT @ U, V.mT @ V  # [M, N, r, r]
+    sigma = solve_spd(gram_u * gram_v, T.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)).squeeze(-1)  # [M, N, r]
+    stored = sigma_for_storage(sigma, batch.norm, storage_dtype)
+    return stored, stored_errors(batch, stored, T, gram_u, gram_v)
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 

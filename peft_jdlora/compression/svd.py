@@ -14,9 +14,16 @@ with each update normalised to unit Frobenius norm (the paper's weights w_i = 1/
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+
+from .cost import target_rank, uniform_floats
+
+if TYPE_CHECKING:
+    from .engine import FactorSource
 
 
 @dataclass
@@ -111,3 +118,58 @@ def truncated_svd(batch: CanonicalBatch, rank: int) -> tuple[torch.Tensor, torch
     U = batch.left_vectors()[..., :r]
     V = batch.right_vectors()[..., :r]
     return U, V, batch.s[..., :r]
+
+
+def svd_errors(batch: CanonicalBatch) -> torch.Tensor:
+    """[M, N, R] exact error of every adapter's rank-q truncation, q = 1 … R (Eckart–Young on the canonical form:
+    error_i(q) = 1 − Σ_{j≤q} s_ij² in normalised units; 0 for absent or zero updates)."""
+    return (batch.energy.unsqueeze(-1) - batch.s.square().cumsum(-1)).clamp_min(0.0)
+
+
+# ------------------------------------------------------------------------------------------------ SVD baseline
+
+
+def svd_baseline(
+    source: FactorSource, floats: int, batches: Iterable[tuple[list[str], CanonicalBatch]]
+) -> dict[str, Optional[dict[str, Any]]]:
+    """Per-adapter SVD around the size `floats`: {"same_floats": the largest uniform rank q whose SVD bundle (with
+    `compress`'s per-module caps) stores at most `floats` elements, "next_rank": rank q + 1}, each {"rank", "floats",
+    "mean_error"} or None (no rank fits / q is already lossless). Errors are exact from the canonical singular values
+    (`svd_errors`) of `batches`, the (modules, CanonicalBatch) of `source` (e.g. `engine.canonical_batches`); they
+    are not read when no rank qualifies.
+
+    One read of the adapters and a small SVD per adapter and module: cheap next to a joint fit, so a fixed-rank
+    bundle can report whether a budget plan would have spent its bytes better. "next_rank" covers small bundles that
+    even rank 1 does not fit (a budget plan can still mix rank-1 SVD modules with cheap shared ones)."""
+    shapes, ranks = source.shapes(), source.ranks()
+    N = len(source.names)
+    max_rank = max(max(r) for r in ranks.values())
+
+    def caps(q: int) -> dict[str, int]:
+        return {m: target_rank("svd", q, d_out, d_in, ranks[m]) for m, (d_out, d_in) in shapes.items()}
+
+    q = 0
+    while q < max_rank and uniform_floats(shapes, ranks, "svd", q + 1) <= floats:
+        q += 1
+    rank_of = {k: caps(k) for k in (q, q + 1) if 1 <= k <= max_rank}  # {uniform rank: {module: capped rank}}
+    if not rank_of:
+        return {"same_floats": None, "next_rank": None}
+    sums = {k: torch.zeros(N, dtype=torch.float64) for k in rank_of}
+    counts = torch.zeros(N, dtype=torch.float64)
+    for modules, batch in batches:
+        errors = svd_errors(batch)  # [M, N, R]
+        for j, module in enumerate(modules):
+            present = torch.tensor([r > 0 for r in ranks[module]])
+            counts += present.double()
+            for k, caps_k in rank_of.items():
+                kept = min(caps_k[module], errors.shape[-1])
+                sums[k] += torch.where(present, errors[j, :, kept - 1].double().cpu(), 0.0)
+    points = {
+        k: {
+            "rank": k,
+            "floats": uniform_floats(shapes, ranks, "svd", k),
+            "mean_error": float((sums[k] / counts.clamp_min(1))[counts > 0].mean()),
+        }
+        for k in rank_of
+    }
+    return {"same_floats": points.get(q), "next_rank": points.get(q + 1)}
