@@ -46,7 +46,8 @@ class Problem:
     def fp64(self) -> torch.Tensor:
         """The update computed in float64 from the (already rounded) inputs: the high-precision reference."""
         d = lambda t: t.double()  # noqa: E731
-        return jk.jd_lora_delta_ref(d(self.x), self.slots, d(self.U), d(self.V), d(self.sigma), self.clusters)
+        slots, clusters = self.slots.to(self.x.device), self.clusters.to(self.x.device)
+        return jk.jd_lora_delta_ref(d(self.x), slots, d(self.U), d(self.V), d(self.sigma), clusters)
 
 
 def make_slots(pattern: str, T: int, N: int, gen: torch.Generator) -> torch.Tensor:
@@ -250,6 +251,31 @@ def test_launch_wrappers_check_shapes_on_the_host():
         _utils.check_launchable(torch.device("cpu"), interpreted=False)
 
 
+@pytest.mark.parametrize("sigma_type", ["full", "diag"])
+def test_dense_one_basis_path_matches_fp64_and_the_kernels(sigma_type):
+    p = make_problem(**{**CASES["ragged"], "C": 1}, sigma_type=sigma_type, seed=19)
+    meta = p.meta()
+    expected = p.fp64()
+    y0 = torch.randn(p.x.shape[0], p.U.shape[1], device=DEVICE)
+    y = jk.add_jd_lora_dense(y0.clone(), p.x, meta, p.U, p.V, p.sigma)
+    base = p.slots < 0
+    assert torch.equal(y[base], y0[base])  # base rows get an exact zero added
+    assert rel_err(y - y0, expected) < 1e-5
+    assert rel_err(y - y0, run_kernel(p, meta)) < 1e-5
+    # The shrink handed in, as the base GEMM x·[W; V_0]ᵀ gives it: the same update.
+    W = torch.randn(p.U.shape[1], p.x.shape[1], device=DEVICE)
+    folded = p.x @ torch.cat([W, p.V[0]]).T  # [T, d_out + r]
+    d_out = W.shape[0]
+    out = folded[:, :d_out]  # a strided view: the layer's output is updated in place
+    jk.add_jd_lora_dense(out, p.x, meta, p.U, p.V, p.sigma, shrunk=folded[:, d_out:])
+    assert rel_err(out - p.x @ W.T, expected) < 1e-5
+    with pytest.raises(ValueError, match="one basis"):
+        two = make_problem(**CASES["ragged"], sigma_type=sigma_type)
+        jk.add_jd_lora_dense(torch.zeros_like(y), two.x, two.meta(), two.U, two.V, two.sigma)
+    with pytest.raises(ValueError, match="shrunk must be"):
+        jk.add_jd_lora_dense(y, p.x, meta, p.U, p.V, p.sigma, shrunk=folded[:, :3])
+
+
 # ---------------------------------------------------------------------------------------------- metadata
 
 
@@ -400,3 +426,93 @@ def test_gpu_decode_and_prefill_shapes(dtype):
         )
         y = jk.jd_lora_delta(p.x, p.slots, p.U, p.V, p.sigma, p.clusters)
         assert rel_err(y, p.fp64().to(DEVICE)) < (5e-3 if dtype == torch.float16 else 3e-2)
+
+
+def gpu_problem(T: int, d: int, r: int, N: int, C: int, pattern: str, sigma_type: str, dtype, seed: int) -> Problem:
+    """Serving-sized problem on the GPU: decode (every token its own adapter, some base rows) or prefill (requests of
+    contiguous tokens, one adapter each)."""
+    gen = torch.Generator().manual_seed(seed)
+    if pattern == "decode":
+        slots = torch.randperm(N, generator=gen)[:T]
+        slots[torch.randperm(T, generator=gen)[: T // 8]] = -1
+    else:
+        requests = torch.randint(-1, N, (64,), generator=gen)
+        slots = requests.repeat_interleave(T // 64)
+    return Problem(
+        x=torch.randn(T, d, generator=gen).to(DEVICE, dtype),
+        slots=slots,
+        clusters=torch.randint(0, C, (N,), generator=gen),
+        U=(torch.randn(C, d, r, generator=gen) / r**0.5).to(DEVICE, dtype),
+        V=(torch.randn(C, r, d, generator=gen) / d**0.5).to(DEVICE, dtype),
+        sigma=torch.randn((N, r, r) if sigma_type == "full" else (N, r), generator=gen).to(DEVICE, dtype),
+    )
+
+
+@gpu_only
+@pytest.mark.parametrize("clusters", [1, 2, 8])
+@pytest.mark.parametrize("sigma_type", ["full", "diag"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_serving_shapes_every_epilogue_and_split(dtype, sigma_type, clusters):
+    # d 4096, r 16, a bundle of 1000: decode 256 tokens (256 distinct adapters) and prefill 2048 tokens (64 requests);
+    # every Σ epilogue, the heuristic split-K and none, against float64 and against PyTorch in the same dtype.
+    limit = 5e-3 if dtype == torch.float16 else 3e-2
+    modes = [jk.SIGMA_DIAG] if sigma_type == "diag" else [jk.SIGMA_TILE, jk.SIGMA_ROW]
+    for T, pattern in ((256, "decode"), (2048, "prefill")):
+        p = gpu_problem(T, 4096, 16, 1000, clusters, pattern, sigma_type, dtype, seed=T + clusters)
+        expected = p.fp64().to(DEVICE)
+        slots, clusters = p.slots.to(DEVICE), p.clusters.to(DEVICE)
+        torch_err = rel_err(reference.jd_lora_delta(p.x, slots, p.U, p.V, p.sigma, clusters), expected)
+        meta = p.meta()
+        base = (p.slots < 0).to(DEVICE)
+        for mode in modes:
+            for config in (None, {"SPLIT_K": 1}):
+                y = torch.zeros(T, 4096, dtype=dtype, device=DEVICE)
+                jk.add_jd_lora(y, p.x, meta, p.U, p.V, p.sigma, sigma_mode=mode, shrink_config=config)
+                err = rel_err(y, expected)
+                assert err < limit and err <= 1.5 * torch_err + 1e-3, (T, mode, config, err, torch_err)
+                assert not bool(y[base].any())  # base rows untouched
+        if clusters == 1:
+            y = jk.add_jd_lora_dense(torch.zeros(T, 4096, dtype=dtype, device=DEVICE), p.x, meta, p.U, p.V, p.sigma)
+            assert rel_err(y, expected) < limit
+
+
+@gpu_only
+def test_gpu_fused_slices_and_dense_path_replay_in_a_cuda_graph():
+    # Fused QKV (4096 / 1024 / 1024 columns) and the one-basis dense path, captured once and replayed on a new batch.
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(21)
+    T, d, r, N = 64, 4096, 16, 1000
+    x = torch.randn(T, d, generator=gen).to(DEVICE, dtype)
+    clusters = torch.zeros(N, dtype=torch.int64)
+    widths = (4096, 1024, 1024)
+    Us = [(torch.randn(1, w, r, generator=gen) / 4).to(DEVICE, dtype) for w in widths]
+    Vs = [(torch.randn(1, r, d, generator=gen) / 64).to(DEVICE, dtype) for _ in widths]
+    sigmas = [torch.randn(N, r, r, generator=gen).to(DEVICE, dtype) for _ in widths]
+    slots = torch.randint(-1, N, (T,), generator=gen)
+    meta = Meta.from_token_slots(slots, clusters, device=DEVICE)
+    fused = torch.zeros(T, sum(widths), dtype=dtype, device=DEVICE)
+    dense = torch.zeros(T, widths[0], dtype=dtype, device=DEVICE)
+
+    def step():
+        fused.zero_()
+        dense.zero_()
+        jk.add_jd_lora(fused, x, meta, Us, Vs, sigmas)
+        jk.add_jd_lora_dense(dense, x, meta, Us[0], Vs[0], sigmas[0])
+
+    step()  # compile before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    new_slots = torch.randint(-1, N, (T,), generator=gen)
+    meta.copy_(Meta.from_token_slots(new_slots, clusters, device=DEVICE))
+    graph.replay()
+    torch.cuda.synchronize()
+    new_slots, clusters = new_slots.to(DEVICE), clusters.to(DEVICE)
+    start = 0
+    for U, V, sigma, width in zip(Us, Vs, sigmas, widths):
+        expected = jk.jd_lora_delta_ref(x.double(), new_slots, U.double(), V.double(), sigma.double(), clusters)
+        assert rel_err(fused[:, start : start + width], expected) < 3e-2
+        start += width
+    expected = jk.jd_lora_delta_ref(x.double(), new_slots, Us[0].double(), Vs[0].double(), sigmas[0].double(), clusters)
+    assert rel_err(dense, expected) < 3e-2
