@@ -9,15 +9,21 @@ runs after warmup, eager launches and CUDA-graph replay):
                   segmented shrink and expand (the same Triton kernels with one basis per adapter and Σ = I)
   (c') gather-bmm the same, loop-free in PyTorch: gather each token's A and B, two bmm
   (d) jd          the JD-LoRA bundle (1000 adapters in one shared basis, full or diagonal Σ): add_jd_lora
+  (d') jd_dense   with one basis (--clusters 1): add_jd_lora_dense, the shrink and expand as cuBLAS GEMMs over the
+                  whole batch and Σ as a gathered bmm
+  (e) layer_*     the whole layer, base GEMM included: mm + single LoRA, mm + jd, and `layer_fold` (one basis: the
+                  shrink folded into the base GEMM, x·[W; V_0]ᵀ, then Σ and the expand)
 
-for decode (1 to 256 tokens, one per request) and prefill (512 to 8192 tokens in equal requests), with 1 to 1000
+for decode (1 to 1024 tokens, one per request) and prefill (512 to 8192 tokens in equal requests), with 1 to 1000
 distinct adapters in the batch (at most one per token). Every path is checked against a float64 reference first.
 The metadata of a batch is built once on the host and shared by all layers; its build time is reported apart.
 
-    python benchmarks/kernels.py --out results.json                 # writes results.json and results.md
-    python benchmarks/kernels.py --quick --out quick.json            # a smaller grid
+    python benchmarks/kernels.py --out results.json                      # writes results.json and results.md
+    python benchmarks/kernels.py --preset quick --out quick.json         # a smaller grid
+    python benchmarks/kernels.py --preset gpu-check --out k.json         # the grid of benchmarks/gpu_check.sh
+    TRITON_INTERPRET=1 python benchmarks/kernels.py --dry-run --out /tmp/k.json   # CPU rehearsal, tiny shapes
 
-Target: (d) with 1000 distinct adapters within 10% of (b). Needs a CUDA GPU; not a test.
+Target: (d) with 1000 distinct adapters within 10% of (b). Needs a CUDA GPU (or --dry-run); not a test.
 """
 
 from __future__ import annotations
@@ -30,21 +36,47 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-DECODE_TOKENS = (1, 16, 64, 256)
-PREFILL_TOKENS = (512, 2048, 8192)
-DISTINCT_ADAPTERS = (1, 8, 64, 256, 1000)
 BUNDLE_ADAPTERS = 1000
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# (decode token counts, prefill token counts, distinct adapter counts) per preset.
+PRESETS = {
+    "full": ((1, 16, 64, 256, 1024), (512, 2048, 8192), (1, 8, 64, 256, 1000)),
+    "quick": ((1, 64, 256), (2048,), (1, 64, 1000)),
+    "gpu-check": ((1, 16, 64, 256, 1024), (2048,), (1, 64, 1000)),
+    "dry-run": ((1, 8), (32,), (1, 4, 1000)),
+}
+# Methods in table order; jd_dense_* and layer_fold_* need one basis (--clusters 1).
+METHODS = (
+    "mm",
+    "single",
+    "per_adapter",
+    "gather_bmm",
+    "jd_full",
+    "jd_diag",
+    "jd_dense_full",
+    "jd_dense_diag",
+    "layer_single",
+    "layer_jd_full",
+    "layer_fold_full",
+)
 
 
 def time_ms(fn: Callable[[], Any], warmup: int, iters: int, graph: bool) -> float:
-    """Median milliseconds of `fn` (eager launches, or one CUDA graph replay per run)."""
+    """Median milliseconds of `fn`: CUDA events around eager launches or one CUDA-graph replay per run; on the CPU
+    (the --dry-run rehearsal) wall-clock time of eager calls."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     run = fn
     if graph:
@@ -106,76 +138,6 @@ def jd_reference(x, slots, U, V, sigma, clusters) -> torch.Tensor:
     return y
 
 
-def bench_shape(jk, args, phase: str, tokens: int, distinct: int, weights: dict, gen) -> list[dict[str, Any]]:
-    device, dtype = weights["W"].device, DTYPES[args.dtype]
-    slots = request_slots(tokens, distinct, phase, BUNDLE_ADAPTERS, gen)  # [T] on the host
-    slots_dev = slots.to(device)
-    x = torch.randn(tokens, args.d_in, generator=gen).to(device, dtype)
-    y = torch.zeros(tokens, args.d_out, device=device, dtype=dtype)
-    W, A, B = weights["W"], weights["A"], weights["B"]
-
-    # (d) JD bundle: host metadata once per batch for all layers (timed apart), then two launches per layer.
-    t0 = time.perf_counter()
-    meta = jk.JDLoraKernelMeta.from_token_slots(slots, weights["clusters"], device=device)
-    meta.buffer.cpu()  # wait for the copy
-    meta_us = (time.perf_counter() - t0) * 1e6
-    # (c) per-adapter LoRA: the batch's adapters as their own bases (slot = cluster) and Σ = 1, same kernels.
-    active = slots.unique()
-    remap = torch.full((BUNDLE_ADAPTERS,), -1, dtype=torch.int64)
-    remap[active] = torch.arange(active.numel())
-    lora_meta = jk.JDLoraKernelMeta.from_token_slots(remap[slots], torch.arange(active.numel()), device=device)
-    lora_A, lora_B = A[active.to(device)].contiguous(), B[active.to(device)].contiguous()
-    ones = torch.ones(active.numel(), args.rank, device=device, dtype=dtype)
-    A0, B0 = A[int(slots[0])], B[int(slots[0])]
-
-    methods: dict[str, Callable[[], Any]] = {
-        "mm": lambda: torch.mm(x, W.T, out=y),
-        "single": lambda: y.addmm_(x @ A0.T, B0.T),
-        "per_adapter": lambda: jk.add_jd_lora(y, x, lora_meta, lora_B, lora_A, ones),
-    }
-    gathered_bytes = tokens * (args.d_in + args.d_out) * args.rank * x.element_size()
-    if gathered_bytes <= args.max_gather_gb * 2**30:  # gather-bmm materialises every token's A and B
-        methods["gather_bmm"] = lambda: y.add_(
-            torch.bmm(B[slots_dev], torch.bmm(A[slots_dev], x.unsqueeze(-1))).squeeze(-1)
-        )
-    for sigma_type in args.sigma:
-        sig = weights[f"sigma_{sigma_type}"]
-        methods[f"jd_{sigma_type}"] = lambda sig=sig: jk.add_jd_lora(y, x, meta, weights["U"], weights["V"], sig)
-
-    # Correctness first (float64 references), then time.
-    checks = {}
-    expected_lora = lora_reference(x, slots, A, B)
-    for name in methods:
-        if name in ("mm", "single"):
-            continue
-        y.zero_()
-        methods[name]()
-        if name.startswith("jd_"):
-            sig = weights[f"sigma_{name[3:]}"]
-            expected = jd_reference(x, slots, weights["U"], weights["V"], sig, weights["clusters"])
-        else:
-            expected = expected_lora
-        checks[name] = rel_err(y, expected)
-        if checks[name] > args.tolerance:
-            raise AssertionError(f"{name} at {phase} T={tokens} A={distinct}: relative error {checks[name]:.2e}")
-
-    rows = []
-    for name, fn in methods.items():
-        rows.append(
-            {
-                "phase": phase,
-                "tokens": tokens,
-                "distinct_adapters": min(distinct, tokens),
-                "method": name,
-                "ms_eager": time_ms(fn, args.warmup, args.iters, graph=False),
-                "ms_graph": time_ms(fn, args.warmup, args.iters, graph=True),
-                "rel_err": checks.get(name),
-                "metadata_us": meta_us if name.startswith("jd_") else None,
-            }
-        )
-    return rows
-
-
 def make_weights(args, device: torch.device, gen: torch.Generator) -> dict[str, torch.Tensor]:
     dtype, r, d_in, d_out, N, C = DTYPES[args.dtype], args.rank, args.d_in, args.d_out, BUNDLE_ADAPTERS, args.clusters
 
@@ -183,7 +145,7 @@ def make_weights(args, device: torch.device, gen: torch.Generator) -> dict[str, 
         return (torch.randn(*shape, generator=gen) * scale).to(device, dtype)
 
     clusters = torch.arange(N) % C
-    return {
+    weights = {
         "W": randn(d_out, d_in, scale=d_in**-0.5),
         "A": randn(N, r, d_in, scale=d_in**-0.5),  # per-adapter LoRA A_i, B_i
         "B": randn(N, d_out, r, scale=r**-0.5),
@@ -193,87 +155,277 @@ def make_weights(args, device: torch.device, gen: torch.Generator) -> dict[str, 
         "sigma_diag": randn(N, r, scale=1.0),
         "clusters": clusters,
     }
+    if C == 1:  # the base weight with the shrink basis appended: x·[W; V_0]ᵀ gives the base output and h at once
+        weights["W_fold"] = torch.cat([weights["W"], weights["V"][0]]).contiguous()  # [d_out + r, d_in]
+    return weights
+
+
+class Batch:
+    """One batch shape: its inputs, metadata and the callables of every method (each adds into `y` or overwrites it).
+
+    `jd_config` (shrink_config / expand_config / sigma_mode overrides) and `block_m` are the launch knobs the tuning
+    sweep of benchmarks/gpu_check_stages.py varies."""
+
+    def __init__(
+        self,
+        jk,
+        args,
+        phase: str,
+        tokens: int,
+        distinct: int,
+        weights: dict,
+        gen: torch.Generator,
+        block_m: Optional[int] = None,
+        jd_config: Optional[dict[str, Any]] = None,
+    ) -> None:
+        self.phase, self.tokens, self.distinct = phase, tokens, min(distinct, tokens)
+        self.weights = weights
+        device, dtype = weights["W"].device, DTYPES[args.dtype]
+        self.slots = request_slots(tokens, distinct, phase, BUNDLE_ADAPTERS, gen)  # [T] on the host
+        self.slots_dev = self.slots.to(device)
+        self.x = torch.randn(tokens, args.d_in, generator=gen).to(device, dtype)
+        self.y = torch.zeros(tokens, args.d_out, device=device, dtype=dtype)
+        d_out, rank = args.d_out, args.rank
+        # (d) JD bundle: host metadata once per batch for all layers (timed apart), then two launches per layer.
+        t0 = time.perf_counter()
+        self.meta = jk.JDLoraKernelMeta.from_token_slots(
+            self.slots, weights["clusters"], device=device, block_m=block_m
+        )
+        self.meta.buffer.cpu()  # wait for the copy
+        self.metadata_us = (time.perf_counter() - t0) * 1e6
+        # (c) per-adapter LoRA: the batch's adapters as their own bases (slot = cluster) and Σ = 1, same kernels.
+        active = self.slots.unique()
+        remap = torch.full((BUNDLE_ADAPTERS,), -1, dtype=torch.int64)
+        remap[active] = torch.arange(active.numel())
+        lora_meta = jk.JDLoraKernelMeta.from_token_slots(remap[self.slots], torch.arange(active.numel()), device=device)
+        W, A, B, U, V = (weights[k] for k in ("W", "A", "B", "U", "V"))
+        lora_A, lora_B = A[active.to(device)].contiguous(), B[active.to(device)].contiguous()
+        ones = torch.ones(active.numel(), rank, device=device, dtype=dtype)
+        A0, B0 = A[int(self.slots[0])], B[int(self.slots[0])]
+        x, y, meta, cfg = self.x, self.y, self.meta, dict(jd_config or {})
+
+        def jd(sigma):
+            return lambda: jk.add_jd_lora(y, x, meta, U, V, sigma, **cfg)
+
+        methods: dict[str, Callable[[], Any]] = {
+            "mm": lambda: torch.mm(x, W.T, out=y),
+            "single": lambda: y.addmm_(x @ A0.T, B0.T),
+            "per_adapter": lambda: jk.add_jd_lora(y, x, lora_meta, lora_B, lora_A, ones),
+        }
+        gathered_bytes = tokens * (args.d_in + args.d_out) * rank * x.element_size()
+        if gathered_bytes <= args.max_gather_gb * 2**30:  # gather-bmm materialises every token's A and B
+            slots_dev = self.slots_dev
+            methods["gather_bmm"] = lambda: y.add_(
+                torch.bmm(B[slots_dev], torch.bmm(A[slots_dev], x.unsqueeze(-1))).squeeze(-1)
+            )
+        for sigma_type in args.sigma:
+            methods[f"jd_{sigma_type}"] = jd(weights[f"sigma_{sigma_type}"])
+        one_basis = U.shape[0] == 1
+        if one_basis:
+            for sigma_type in args.sigma:
+                sig = weights[f"sigma_{sigma_type}"]
+                methods[f"jd_dense_{sigma_type}"] = lambda sig=sig: jk.add_jd_lora_dense(y, x, meta, U, V, sig)
+        methods["layer_single"] = lambda: torch.mm(x, W.T, out=y).addmm_(x @ A0.T, B0.T)
+        if "full" in args.sigma:
+            sig = weights["sigma_full"]
+            methods["layer_jd_full"] = lambda: jk.add_jd_lora(torch.mm(x, W.T, out=y), x, meta, U, V, sig, **cfg)
+            if one_basis:
+                folded = torch.empty(tokens, d_out + rank, device=device, dtype=dtype)
+                base_out, shrunk = folded[:, :d_out], folded[:, d_out:]
+                methods["layer_fold_full"] = lambda: jk.add_jd_lora_dense(
+                    torch.mm(x, weights["W_fold"].T, out=folded)[:, :d_out], x, meta, U, V, sig, shrunk=shrunk
+                )
+                self.fold_output = base_out
+        self.methods = methods
+
+    def output_of(self, name: str) -> torch.Tensor:
+        return self.fold_output if name.startswith("layer_fold") else self.y
+
+    def check(self, tolerance: float, methods: Optional[list[str]] = None) -> dict[str, float]:
+        """Relative error of every method (or of `methods`) against float64 (the layer methods against base +
+        update); raises above `tolerance`."""
+        w = self.weights
+        expected_lora = lora_reference(self.x, self.slots, w["A"], w["B"])
+        base = self.x.double() @ w["W"].double().T
+        single = (self.x.double() @ w["A"][int(self.slots[0])].double().T) @ w["B"][int(self.slots[0])].double().T
+        errors = {}
+        for name, fn in self.methods.items():
+            if name in ("mm", "single") or (methods is not None and name not in methods):
+                continue
+            self.y.zero_()
+            fn()
+            if name == "layer_single":
+                expected = base + single
+            elif "full" in name or "diag" in name:
+                sigma = w["sigma_full" if "full" in name else "sigma_diag"]
+                expected = jd_reference(self.x, self.slots, w["U"], w["V"], sigma, w["clusters"])
+                if name.startswith("layer_"):
+                    expected = expected + base
+            else:
+                expected = expected_lora
+            errors[name] = rel_err(self.output_of(name), expected)
+            if errors[name] > tolerance:
+                raise AssertionError(
+                    f"{name} at {self.phase} T={self.tokens} A={self.distinct}: relative error {errors[name]:.2e}"
+                )
+        return errors
+
+
+def bench_shape(jk, args, phase: str, tokens: int, distinct: int, weights: dict, gen) -> list[dict[str, Any]]:
+    batch = Batch(jk, args, phase, tokens, distinct, weights, gen)
+    checks = batch.check(args.tolerance)  # correctness first (float64 references), then time
+    rows = []
+    for name, fn in batch.methods.items():
+        rows.append(
+            {
+                "phase": phase,
+                "tokens": tokens,
+                "distinct_adapters": batch.distinct,
+                "method": name,
+                "ms_eager": time_ms(fn, args.warmup, args.iters, graph=False),
+                "ms_graph": time_ms(fn, args.warmup, args.iters, graph=True) if args.graphs else None,
+                "rel_err": checks.get(name),
+                "metadata_us": batch.metadata_us if "jd" in name else None,
+            }
+        )
+    return rows
+
+
+def ms_of(row: dict[str, Any]) -> float:
+    """The headline time of a row: CUDA-graph replay when measured (launch overhead removed), else eager."""
+    return row["ms_graph"] if row.get("ms_graph") is not None else row["ms_eager"]
+
+
+# Ratios of the markdown table: (name, numerator method, denominator method).
+RATIOS = (
+    ("jd_full/single", "jd_full", "single"),
+    ("jd_diag/single", "jd_diag", "single"),
+    ("jd_full/per_adapter", "jd_full", "per_adapter"),
+    ("jd_full/mm", "jd_full", "mm"),
+    ("layer_jd/layer_single", "layer_jd_full", "layer_single"),
+    ("layer_fold/layer_single", "layer_fold_full", "layer_single"),
+)
 
 
 def markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
+    graph = env.get("graphs", True)
     lines = [
-        f"GPU: {env['gpu']}; torch {env['torch']}, triton {env['triton']}; {env['dtype']}, d_in={env['d_in']}, "
+        f"Device: {env['gpu']}; torch {env['torch']}, triton {env['triton']}; {env['dtype']}, d_in={env['d_in']}, "
         f"d_out={env['d_out']}, r={env['rank']}, {env['clusters']} cluster(s), bundle of {BUNDLE_ADAPTERS} adapters. "
-        "Milliseconds per layer (median, CUDA-graph replay; eager in parentheses).",
+        + (
+            "Milliseconds per layer (median, CUDA-graph replay; eager in parentheses); ratios of the graph times."
+            if graph
+            else "Milliseconds per layer (median of eager calls)."
+        ),
         "",
     ]
-    methods = [m for m in ("mm", "single", "per_adapter", "gather_bmm", "jd_full", "jd_diag") if m in env["methods"]]
-    header = ["phase", "tokens", "distinct", *methods, *(f"{m}/single" for m in methods if m.startswith("jd_"))]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     by_shape: dict[tuple, dict[str, dict]] = {}
     for row in results["rows"]:
         by_shape.setdefault((row["phase"], row["tokens"], row["distinct_adapters"]), {})[row["method"]] = row
+    present = {row["method"] for row in results["rows"]}
+    methods = [m for m in METHODS if m in present]
+    ratios = [(name, a, b) for name, a, b in RATIOS if a in present and b in present]
+    header = ["phase", "tokens", "distinct", *methods, *(name for name, _, _ in ratios)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for (phase, tokens, distinct), rows in by_shape.items():
         cells = [phase, str(tokens), str(distinct)]
-        cells += [f"{rows[m]['ms_graph']:.4f} ({rows[m]['ms_eager']:.4f})" if m in rows else "-" for m in methods]
-        single = rows["single"]["ms_graph"]
-        cells += [f"{rows[m]['ms_graph'] / single:.2f}" if single > 0 else "-" for m in methods if m.startswith("jd_")]
+        for m in methods:
+            if m not in rows:
+                cells.append("-")
+            elif graph and rows[m].get("ms_graph") is not None:
+                cells.append(f"{rows[m]['ms_graph']:.4f} ({rows[m]['ms_eager']:.4f})")
+            else:
+                cells.append(f"{rows[m]['ms_eager']:.4f}")
+        for _, a, b in ratios:
+            ok = a in rows and b in rows and ms_of(rows[b]) > 0
+            cells.append(f"{ms_of(rows[a]) / ms_of(rows[b]):.2f}" if ok else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON results; the markdown table goes next to it")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="batch grid (default: full)")
+    parser.add_argument("--quick", action="store_true", help="the same as --preset quick")
+    parser.add_argument("--dry-run", action="store_true", help="CPU rehearsal in the Triton interpreter, tiny shapes")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--d-in", type=int, default=4096)
-    parser.add_argument("--d-out", type=int, default=4096)
+    parser.add_argument("--d-in", type=int, default=None, help="default 4096 (64 with --dry-run)")
+    parser.add_argument("--d-out", type=int, default=None, help="default 4096 (64 with --dry-run)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--clusters", type=int, default=1, help="clusters of the JD bundle (default 1)")
     parser.add_argument("--sigma", nargs="+", choices=("full", "diag"), default=["full", "diag"])
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=None, help="default 10 (1 with --dry-run)")
+    parser.add_argument("--iters", type=int, default=None, help="default 50 (2 with --dry-run)")
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="eager timings only")
     parser.add_argument("--tolerance", type=float, default=3e-2, help="max relative error against float64")
     parser.add_argument("--max-gather-gb", type=float, default=4.0, help="skip gather-bmm above this much gathering")
-    parser.add_argument("--quick", action="store_true", help="decode 1/64/256, prefill 2048; 1, 64, 1000 adapters")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.quick and args.preset not in (None, "quick"):
+        parser.error("--quick and --preset disagree")
+    args.preset = (
+        "dry-run" if args.dry_run and args.preset is None else (args.preset or ("quick" if args.quick else "full"))
+    )
+    small = args.dry_run
+    args.d_in = args.d_in or (64 if small else 4096)
+    args.d_out = args.d_out or (64 if small else 4096)
+    args.warmup = args.warmup if args.warmup is not None else (1 if small else 10)
+    args.iters = args.iters or (2 if small else 50)
+    if small:
+        args.graphs = False
+    return args
+
+
+def environment(args, device: torch.device) -> dict[str, Any]:
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or 'cpu'})",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "dtype": args.dtype,
+        "d_in": args.d_in,
+        "d_out": args.d_out,
+        "rank": args.rank,
+        "clusters": args.clusters,
+        "bundle_adapters": BUNDLE_ADAPTERS,
+        "preset": args.preset,
+        "graphs": args.graphs,
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "dry_run": args.dry_run,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.dry_run and not torch.cuda.is_available():
         print(
             "benchmarks/kernels.py times Triton kernels on a CUDA GPU, and torch.cuda.is_available() is False here: "
-            "nothing was measured. Run it on a machine with an NVIDIA GPU.",
+            "nothing was measured. Run it on a machine with an NVIDIA GPU (or rehearse with --dry-run).",
             file=sys.stderr,
         )
         return 2
     import jdlora_kernels as jk
-    import triton
 
-    if jk.INTERPRETED:
+    if jk.INTERPRETED and not args.dry_run:
         print("unset TRITON_INTERPRET: the interpreter cannot be timed.", file=sys.stderr)
+        return 2
+    if args.dry_run and not jk.INTERPRETED:
+        print("--dry-run runs the kernels on the CPU: set TRITON_INTERPRET=1 before starting.", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    device = torch.device("cuda")
+    device = torch.device("cpu" if args.dry_run else "cuda")
     weights = make_weights(args, device, gen)
-    decode = (1, 64, 256) if args.quick else DECODE_TOKENS
-    prefill = (2048,) if args.quick else PREFILL_TOKENS
-    distinct_counts = (1, 64, 1000) if args.quick else DISTINCT_ADAPTERS
-    methods = ["mm", "single", "per_adapter", "gather_bmm", *(f"jd_{s}" for s in args.sigma)]
-    results: dict[str, Any] = {
-        "environment": {
-            "gpu": torch.cuda.get_device_name(device),
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "cuda": torch.version.cuda,
-            "python": platform.python_version(),
-            "dtype": args.dtype,
-            "d_in": args.d_in,
-            "d_out": args.d_out,
-            "rank": args.rank,
-            "clusters": args.clusters,
-            "bundle_adapters": BUNDLE_ADAPTERS,
-            "methods": methods,
-            "warmup": args.warmup,
-            "iters": args.iters,
-        },
-        "rows": [],
-    }
-    print(f"GPU: {results['environment']['gpu']}")
+    decode, prefill, distinct_counts = PRESETS[args.preset]
+    results: dict[str, Any] = {"environment": environment(args, device), "rows": []}
+    print(f"device: {results['environment']['gpu']}", flush=True)
     seen = set()
     for phase, token_counts in (("decode", decode), ("prefill", prefill)):
         for tokens in token_counts:
@@ -283,8 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                 seen.add((phase, tokens, min(distinct, tokens)))
                 rows = bench_shape(jk, args, phase, tokens, distinct, weights, gen)
                 results["rows"] += rows
-                summary = ", ".join(f"{r['method']} {r['ms_graph']:.4f}" for r in rows)
-                print(f"{phase:7s} T={tokens:5d} A={min(distinct, tokens):4d}: {summary} ms")
+                # After every shape: a run stopped at a time limit keeps what it measured.
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
+                summary = ", ".join(f"{r['method']} {ms_of(r):.4f}" for r in rows)
+                print(f"{phase:7s} T={tokens:5d} A={min(distinct, tokens):4d}: {summary} ms", flush=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     args.out.with_suffix(".md").write_text(table)
