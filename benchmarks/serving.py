@@ -7,7 +7,7 @@ Compares, on one model and one batch shape, for 1, 8, 64, 256 and 1000 resident 
 and reports tokens/s of greedy generation and of a prefill forward, plus the resident adapter memory.
 
     python benchmarks/serving.py --out serving.json                      # CPU, 4-layer 576-wide Llama
-    python benchmarks/serving.py --device cuda --layers 30 --out gpu.json
+    python benchmarks/serving.py --device cuda --dtype bfloat16 --model llama-4096 --layers 8 --out gpu.json
 
 Adapters are random (LoRA r=16 on q_proj/v_proj, nonzero B) and the bundle is a random one of the same rank and
 targets: throughput depends on shapes, not values. Not a test; run it alone (two torch jobs on 2 cores slow each other
@@ -32,25 +32,54 @@ import peft_jdlora
 from peft_jdlora import JDLoraConfig, save_bundle
 from peft_jdlora.bundle import Bundle, ModuleFactors
 
-
-def make_base(layers: int, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    """SmolLM2-135M's shapes (576 wide, 9 heads, 3 KV heads, 1536 MLP, 49152 vocab) with `layers` layers."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
+# Model shapes: SmolLM2-135M (the CPU default), Llama-2-7B's (4096 wide, the GPU run), and a tiny one (rehearsals).
+MODEL_SHAPES = {
+    "smollm2": dict(
         vocab_size=49152,
         hidden_size=576,
         intermediate_size=1536,
-        num_hidden_layers=layers,
         num_attention_heads=9,
         num_key_value_heads=3,
-        max_position_embeddings=2048,
         tie_word_embeddings=True,
-        pad_token_id=0,
-    )
+    ),
+    "llama-4096": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def make_base(layers: int, device: str, dtype: torch.dtype, shape: str = "smollm2") -> LlamaForCausalLM:
+    """A random-weight Llama of MODEL_SHAPES[shape] with `layers` layers, built on `device` in `dtype`.
+
+    Built on the device itself (no CPU copy first: a 4096-wide model would take minutes to initialise there).
+    `device="meta"` gives the shapes alone, for code that only reads module sizes.
+    """
+    torch.manual_seed(0)
+    config = LlamaConfig(**MODEL_SHAPES[shape], num_hidden_layers=layers, max_position_embeddings=2048, pad_token_id=0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
     # Frozen like every served model (and like the base under a PeftModel): on CPU, torch.matmul folds a strided
     # [B, 1, d] lm_head input into one mm only when the weight requires grad, and otherwise runs a batched mm against
     # an expanded weight, several times slower; an unfrozen base would get the fast path the adapted models cannot.
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.to(dtype=dtype).eval().requires_grad_(False)
+
+
+def adapter_writer_base(layers: int, shape: str) -> LlamaForCausalLM:
+    """A CPU base whose weights are left uninitialised: LoRA folders save only the adapters' own (random) weights."""
+    return make_base(layers, "meta", torch.float32, shape).to_empty(device="cpu")
 
 
 def lora_folders(base: LlamaForCausalLM, count: int, rank: int, root: Path) -> list[Path]:
@@ -157,6 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="smollm2", help="shapes of the random model")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=32, help="rows per batch; each row a different adapter")
@@ -180,7 +210,8 @@ def main() -> None:
     counts = [int(c) for c in args.resident.split(",")]
     machine = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu_name()}, {args.threads} threads"
 
-    prompt = torch.randint(3, 49152, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    vocab = MODEL_SHAPES[args.model]["vocab_size"]
+    prompt = torch.randint(3, vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(args.device)
     gen_kwargs = {
         "max_new_tokens": args.new_tokens,
@@ -221,6 +252,8 @@ def main() -> None:
             "adapter_bytes": memory,
         }
         results["rows"].append(row)
+        if args.out:  # after every row: a run stopped at a time limit keeps what it measured
+            args.out.write_text(json.dumps(results, indent=2))
         print(
             f"{label:<22} resident={count:>5} distinct={row['distinct_in_batch']:>3} "
             f"generate {row['decode_tokens_per_s']:9.1f} tok/s ({row['decode_vs_base']:.3f}x base)  "
@@ -229,24 +262,24 @@ def main() -> None:
             flush=True,
         )
 
+    def served_base() -> LlamaForCausalLM:
+        return make_base(args.layers, args.device, dtype, args.model)
+
+    shapes_only = make_base(args.layers, "meta", torch.float32, args.model)  # module sizes for the bundle builders
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         # Every file first: writing a thousand adapters between two measurements leaves the process (allocator,
         # page cache) in a state that slowed the next model by up to 15% in early runs.
-        folders = lora_folders(make_base(args.layers, "cpu", torch.float32), max(counts), args.rank, root)
-        bundles = {
-            count: random_bundle_for(make_base(args.layers, "cpu", torch.float32), count, args.rank, root)
-            for count in counts
-        }
+        peft_counts = [count for count in counts if count <= args.skip_peft_above]
+        folders = lora_folders(adapter_writer_base(args.layers, args.model), max([1, *peft_counts]), args.rank, root)
+        bundles = {count: random_bundle_for(shapes_only, count, args.rank, root) for count in counts}
         svd_bundles = {
-            count: svd_bundle_for(make_base(args.layers, "cpu", torch.float32), count, args.svd_rank, root)
-            for count in counts
-            if args.svd_rank
+            count: svd_bundle_for(shapes_only, count, args.svd_rank, root) for count in counts if args.svd_rank
         }
         gc.collect()
-        base = make_base(args.layers, args.device, dtype)
-        measure("base model", 0, make_base(args.layers, args.device, dtype), {}, 0)
-        one = PeftModel.from_pretrained(make_base(args.layers, args.device, dtype), folders[0]).eval()
+        base = served_base()
+        measure("base model", 0, served_base(), {}, 0)
+        one = PeftModel.from_pretrained(served_base(), folders[0]).eval()
         measure("one LoRA", 1, one, {}, adapter_bytes(one, "lora_"))
         del one
         gc.collect()
@@ -254,7 +287,7 @@ def main() -> None:
             rows = [f"lora_{i % count:04d}" for i in range(args.batch)]
             if count <= args.skip_peft_above:
                 peft = PeftModel.from_pretrained(
-                    make_base(args.layers, args.device, dtype),
+                    served_base(),
                     folders[0],
                     adapter_name=rows[0] if count == 1 else "lora_0000",
                 ).eval()
@@ -263,12 +296,12 @@ def main() -> None:
                 measure("PEFT adapter_names", count, peft, {"adapter_names": rows}, adapter_bytes(peft, "lora_"))
                 del peft
                 gc.collect()
-            jd = PeftModel.from_pretrained(make_base(args.layers, args.device, dtype), bundles[count]).eval()
+            jd = PeftModel.from_pretrained(served_base(), bundles[count]).eval()
             measure("JD-LoRA adapter_ids", count, jd, {"adapter_ids": rows}, adapter_bytes(jd, ".jd_"))
             del jd
             gc.collect()
             if count in svd_bundles:
-                plan = PeftModel.from_pretrained(make_base(args.layers, args.device, dtype), svd_bundles[count]).eval()
+                plan = PeftModel.from_pretrained(served_base(), svd_bundles[count]).eval()
                 label = f"JD-LoRA SVD r'={args.svd_rank}"
                 measure(label, count, plan, {"adapter_ids": rows}, adapter_bytes(plan, ".jd_"))
                 del plan
