@@ -46,8 +46,12 @@ class Problem:
     def fp64(self) -> torch.Tensor:
         """The update computed in float64 from the (already rounded) inputs: the high-precision reference."""
         d = lambda t: t.double()  # noqa: E731
+        return jk.jd_lora_delta_ref(d(self.x), self.slots, d(self.U), d(self.V), d(self.sigma), self.clusters)
+
+    def torch_backend(self) -> torch.Tensor:
+        """peft-jdlora's PyTorch path in the inputs' dtype (it takes slots and clusters on the inputs' device)."""
         slots, clusters = self.slots.to(self.x.device), self.clusters.to(self.x.device)
-        return jk.jd_lora_delta_ref(d(self.x), slots, d(self.U), d(self.V), d(self.sigma), clusters)
+        return reference.jd_lora_delta(self.x, slots, self.U, self.V, self.sigma, clusters)
 
 
 def make_slots(pattern: str, T: int, N: int, gen: torch.Generator) -> torch.Tensor:
@@ -103,7 +107,7 @@ def run_kernel(p: Problem, meta: jk.JDLoraKernelMeta, mode: Optional[int] = None
 def test_kernels_match_fp64_and_pytorch_references(case, sigma_type):
     p = make_problem(**CASES[case], sigma_type=sigma_type, seed=len(case))
     expected = p.fp64()
-    torch_backend = reference.jd_lora_delta(p.x, p.slots, p.U, p.V, p.sigma, p.clusters)
+    torch_backend = p.torch_backend()
     # block_m 32 makes the prefill case take several tiles per adapter with either tile size.
     meta = p.meta(block_m=32 if case == "prefill_segments" else None)
     lora_rows = p.slots >= 0
@@ -150,7 +154,7 @@ def test_half_precision_inputs(dtype, sigma_type):
     expected = p.fp64()
     y = jk.jd_lora_delta(p.x, p.slots, p.U, p.V, p.sigma, p.clusters)
     assert y.dtype == dtype
-    torch_err = rel_err(reference.jd_lora_delta(p.x, p.slots, p.U, p.V, p.sigma, p.clusters), expected)
+    torch_err = rel_err(p.torch_backend(), expected)
     # fp32 accumulation and an fp32 intermediate: about as accurate as the PyTorch path in the same dtype. The
     # interpreter rounds fp32 -> bf16 toward zero (GPUs round to nearest), which doubles the rounding error there.
     slack = 3.0 if jk.INTERPRETED and dtype == torch.bfloat16 else 1.5
@@ -460,8 +464,7 @@ def test_gpu_serving_shapes_every_epilogue_and_split(dtype, sigma_type, clusters
     for T, pattern in ((256, "decode"), (2048, "prefill")):
         p = gpu_problem(T, 4096, 16, 1000, clusters, pattern, sigma_type, dtype, seed=T + clusters)
         expected = p.fp64().to(DEVICE)
-        slots, clusters = p.slots.to(DEVICE), p.clusters.to(DEVICE)
-        torch_err = rel_err(reference.jd_lora_delta(p.x, slots, p.U, p.V, p.sigma, clusters), expected)
+        torch_err = rel_err(p.torch_backend(), expected)
         meta = p.meta()
         base = (p.slots < 0).to(DEVICE)
         for mode in modes:

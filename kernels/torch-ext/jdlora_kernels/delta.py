@@ -93,12 +93,13 @@ def jd_lora_delta_ref(
     adapter_cluster: torch.Tensor,
 ) -> torch.Tensor:
     """PyTorch reference of `jd_lora_delta` that needs no metadata: per-token gather + bmm in fp32 (or fp64 for
-    fp64 inputs, which makes it the high-precision reference of the tests)."""
+    fp64 inputs, which makes it the high-precision reference of the tests). `token_slots` and `adapter_cluster` may
+    be on the host, as for `jd_lora_delta`."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    slots = token_slots.long()
+    slots = token_slots.to(x.device, torch.int64)
     lora = slots >= 0
     slot = slots.clamp(min=0)
-    cluster = adapter_cluster.long()[slot]
+    cluster = adapter_cluster.to(x.device, torch.int64)[slot]
     h = torch.bmm(V[cluster].to(compute), x.to(compute).unsqueeze(-1))  # [T, r, 1]
     core = sigma[slot].to(compute)
     z = torch.bmm(core, h) if sigma.dim() == 3 else h * core.unsqueeze(-1)
