@@ -19,9 +19,11 @@ from jdlora_hub.errors import ExitCode, SourceError
 from jdlora_hub.sources import glob_prefix, parse_source, resolve_sources
 from jdlora_hub.testing.adapters import make_lora_adapter, save_base_model
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peft_jdlora import load_bundle
+from peft_jdlora.bundle import lora_factors
 
 IDS = torch.tensor([[5, 17, 33, 2, 90, 11], [7, 7, 64, 120, 3, 9], [44, 1, 8, 100, 21, 6]])
 
@@ -290,3 +292,208 @@ def test_verification_steps(local, tmp_path):
     bundle.modules[next(iter(bundle.modules))].sigma[0] += 1.0  # what was computed is not what was written
     with pytest.raises(VerificationError, match="reads back with different sigma"):
         check_reload(bundle, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- no data lost
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones included), by relative path."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("command", "fragment"),
+    [
+        (["convert", "{a}", "{b}", "--rank", "8", "--out", "{a}", "--overwrite"], "is the source folder"),
+        (["convert", "{a}", "{b}", "--rank", "8", "--out", "{adapters}", "--overwrite"], "contains the source folder"),
+        (["convert", "{a}", "{b}", "--rank", "8", "--out", "{a}/bundle"], "lies inside the source folder"),
+        (["convert", "{a}", "{b}", "--rank", "8", "--out", "{base}", "--overwrite"], "is the base model"),
+        (["add", "{bundle}", "{e}", "--out", "{bundle}", "--overwrite"], "is the bundle being changed"),
+        (["add", "{bundle}", "{e}", "--out", "{adapters}", "--overwrite"], "contains the source folder"),
+        (["remove", "{bundle}", "a", "--out", "{root}", "--overwrite"], "contains the bundle being changed"),
+        (["export", "{bundle}", "--all", "--out", "{root}", "--overwrite"], "contains the bundle being exported"),
+    ],
+)
+def test_an_output_over_an_input_is_refused_and_deletes_nothing(local, bundle, capsys, command, fragment):
+    where = {
+        "a": local / "adapters" / "a",
+        "b": local / "adapters" / "b",
+        "e": local / "adapters" / "e",
+        "adapters": local / "adapters",
+        "base": local / "base",
+        "bundle": bundle,
+        "root": local,
+    }
+    before = {name: folder_bytes(where[name]) for name in ("adapters", "base", "bundle")}
+    assert main([*(arg.format(**where) for arg in command), "--quiet"]) == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert fragment in err and "Choose an --out outside the inputs" in err and len(err.strip().splitlines()) == 1
+    assert {name: folder_bytes(where[name]) for name in ("adapters", "base", "bundle")} == before
+    assert not (local / "adapters" / "a" / "bundle").exists()
+
+
+def test_in_place_replaces_only_the_bundle_files(local, bundle, capsys):
+    folder = shutil.copytree(bundle, local / "in-place-with-others")
+    user_files = {".git/config": b"[core]\n", ".git/HEAD": b"ref: refs/heads/main\n", "notes.txt": b"mine\n",
+                  ".env": b"HF_TOKEN=hf_secret\n", "eval/results.json": b"{}\n"}  # fmt: skip
+    for name, data in user_files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+
+    assert main(["remove", str(folder), "b", "--in-place", "--quiet"]) == 0
+    assert load_bundle(folder).config.adapter_names == ["a", "c"]
+    assert main(["add", str(folder), str(local / "adapters" / "e"), "--in-place", "--quiet", "--no-base-check"]) == 0
+    assert load_bundle(folder).config.adapter_names == ["a", "c", "e"]
+    capsys.readouterr()
+
+    after = folder_bytes(folder)
+    assert {name: after[name] for name in user_files} == user_files
+    assert set(after) == set(user_files) | {"README.md", "adapter_config.json", "adapter_model.safetensors",
+                                            "jdlora_report.json"}  # fmt: skip
+    assert "| e |" in (folder / "README.md").read_text()
+    assert not [p for p in local.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_in_place_swap_is_all_or_nothing(local, bundle, monkeypatch):
+    from jdlora_hub import output
+
+    folder = shutil.copytree(bundle, local / "in-place-failing")
+    (folder / "notes.txt").write_text("mine")
+    before = folder_bytes(folder)
+    real_replace, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 2:  # the weights are in place, the config is not yet
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(output.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        with output.staged_bundle_update(folder) as staging:
+            for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+                (staging / name).write_bytes(b"new " + name.encode())
+    assert calls[:2] == ["adapter_model.safetensors", "adapter_config.json"]
+    assert folder_bytes(folder) == before  # the weights were put back; nothing else was touched
+
+    monkeypatch.setattr(output.os, "replace", real_replace)
+    with pytest.raises(RuntimeError, match="not bundle files"):
+        with output.staged_bundle_update(folder) as staging:
+            (staging / "notes.txt").write_text("a command must never do this")
+    assert folder_bytes(folder) == before
+
+
+def test_export_prefers_adapter_names_over_indices(local, bundle, tmp_path, capsys):
+    folder = tmp_path / "digits"
+    sources = ["1=" + str(local / "adapters" / "a"), "0=" + str(local / "adapters" / "b")]
+    assert main(["convert", *sources, "--out", str(folder), "--rank", "8", "--no-base-check", "--quiet"]) == 0
+    capsys.readouterr()
+    data = run_json(capsys, "export", str(folder), "--adapter", "0", "--out", str(tmp_path / "zero"))
+    assert data["adapters"][0]["name"] == "0" and data["adapters"][0]["index"] == 1
+    exported = load_file(tmp_path / "zero" / "adapter_model.safetensors")
+    expected = lora_factors(load_bundle(folder), "0")
+    for module, (a, b) in expected.items():
+        torch.testing.assert_close(exported[f"base_model.model.{module}.lora_A.weight"], a, rtol=0, atol=0)
+        torch.testing.assert_close(exported[f"base_model.model.{module}.lora_B.weight"], b, rtol=0, atol=0)
+    # A number that names no adapter is still an index.
+    data = run_json(capsys, "export", str(bundle), "--adapter", "2", "--out", str(tmp_path / "two"))
+    assert data["adapters"][0]["name"] == "c"
+
+
+def edited_bundle(source: Path, folder: Path, **fields) -> Path:
+    """A copy of the bundle `source` with some fields of its adapter_config.json replaced."""
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(fields)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_export_of_names_no_folder_can_hold(bundle, tmp_path, capsys):
+    long_name = "task-" + "x" * 295
+    folder = edited_bundle(bundle, tmp_path / "long", adapter_names=[long_name, "b", "c"])
+    data = run_json(capsys, "export", str(folder), "--all", "--out", str(tmp_path / "out-long"))
+    folders = {a["name"]: Path(a["folder"]).name for a in data["adapters"]}
+    assert folders["b"] == "b" and len(folders[long_name]) <= 96 and folders[long_name].startswith("task-xxx")
+    assert f"# {long_name}" in (tmp_path / "out-long" / folders[long_name] / "README.md").read_text()
+
+    folder = edited_bundle(bundle, tmp_path / "nul", adapter_names=["a\x00b", "b", "c"])
+    code = main(["export", str(folder), "--all", "--out", str(tmp_path / "out-nul")])
+    err = capsys.readouterr().err
+    assert code in (ExitCode.OK, ExitCode.INPUT), err  # exported under a safe folder name, or refused as bad input
+    if code == ExitCode.OK:
+        assert sorted(p.name for p in (tmp_path / "out-nul").iterdir()) == ["a_b", "b", "c"]
+    else:
+        assert "adapter_names" in err and not (tmp_path / "out-nul").exists()
+
+
+def test_inspect_escapes_terminal_control_sequences(bundle, tmp_path, capsys):
+    evil = "\x1b[2J\x1b[31mred\u202egnp.exe\x07"
+    config = json.loads((bundle / "adapter_config.json").read_text())
+    sources = [dict(s, source=s["source"] + evil) for s in config["adapter_sources"]]
+    folder = edited_bundle(bundle, tmp_path / "evil", base_model_name_or_path="base" + evil, adapter_sources=sources)
+    for argv in (["inspect", str(folder)], ["inspect", str(folder), "--json"]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert not any(c in out for c in "\x1b\x07\u202e"), out
+    assert json.loads(out)["summary"]["base_model"] == "base" + evil  # --json escapes, and keeps the value
+    main(["inspect", str(folder)])
+    assert "base\\x1b[2J\\x1b[31mred\\u202egnp.exe\\x07" in capsys.readouterr().out
+
+    renamed = edited_bundle(bundle, tmp_path / "evil-name", adapter_names=["a" + evil, "b", "c"])
+    code = main(["inspect", str(renamed)])
+    captured = capsys.readouterr()
+    assert code in (ExitCode.OK, ExitCode.INPUT)  # shown escaped, or refused as a bad name (naming the field)
+    assert not any(c in captured.out + captured.err for c in "\x1b\x07\u202e")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("my task={a}", "'my task' in 'my task={a}' is not a valid adapter name (it holds ' ')"),
+        ("a/b={a}", "'a/b' in 'a/b={a}' is not a valid adapter name (it holds '/')"),
+        ("={a}", "'' in '={a}' is not a valid adapter name (it is empty)"),
+        ("_x={a}", "'_x' in '_x={a}' is not a valid adapter name (it starts with '_')"),
+        ("sql=", "nothing follows '=' in 'sql='"),
+    ],
+)
+def test_a_bad_name_in_name_equals_source_is_named(local, tmp_path, capsys, text, fragment):
+    text, fragment = (s.format(a=local / "adapters" / "a") for s in (text, fragment))
+    assert convert_main([text, "--out", str(tmp_path / "o")]) == ExitCode.INPUT
+    err = capsys.readouterr().err
+    assert fragment in err and "does not exist" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_path_holding_an_equals_sign_is_still_a_folder(local, tmp_path, capsys):
+    folder = shutil.copytree(local / "adapters" / "a", tmp_path / "lr=1e-4")
+    assert convert_main([str(folder), "--out", str(tmp_path / "o"), "--rank", "4", "--no-base-check", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["adapters"][0]["name"] == "lr=1e-4"
+    assert convert_main([str(tmp_path / "gone=1"), "--out", str(tmp_path / "p")]) == ExitCode.INPUT
+    assert "local folder" in capsys.readouterr().err  # a missing folder is still reported as one
+
+
+def test_a_source_folder_name_with_control_characters_needs_a_name(local, tmp_path, capsys):
+    folder = shutil.copytree(local / "adapters" / "a", tmp_path / "x\x1b[31m")
+    assert convert_main([str(folder), "--out", str(tmp_path / "o")]) == ExitCode.INPUT
+    err = capsys.readouterr().err
+    assert "holds control characters" in err and "NAME=SOURCE" in err and "\x1b" not in err
+    assert convert_main(["x=" + str(folder), "--out", str(tmp_path / "o"), "--rank", "4", "--no-base-check"]) == 0
+
+
+def test_base_model_of_another_size_is_bad_input(local, tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    narrow = LlamaConfig(  # tiny_llama's layout at half its hidden size
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    save_base_model(LlamaForCausalLM(narrow), tmp_path / "narrow")
+    out = tmp_path / "o"
+    argv = [str(local / "adapters" / "a"), "--out", str(out), "--rank", "4", "--base-model", str(tmp_path / "narrow")]
+    assert convert_main(argv) == ExitCode.INPUT
+    err = capsys.readouterr().err
+    assert "does not fit the bundle" in err and "'model.layers.0.self_attn.q_proj' is 32x32" in err and "64x64" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

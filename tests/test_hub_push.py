@@ -11,7 +11,7 @@ import pytest
 from conftest import random_bundle, tiny_llama
 from huggingface_hub import constants
 from jdlora_hub.cli import main
-from jdlora_hub.errors import ExitCode, HubOperationError, UsageError
+from jdlora_hub.errors import ExitCode, HubOperationError, SourceError, UsageError
 from jdlora_hub.pipeline import OutputOptions, VerifyOptions, _write_verified
 from jdlora_hub.push import check_push_target, push_bundle
 from jdlora_hub.sources import HubClient
@@ -133,3 +133,109 @@ def test_jdlora_push_and_inspect_a_hub_bundle(hub, bundle_folder, capsys):
     assert "Hub repo org/missing-bundle does not exist" in capsys.readouterr().err
     assert main(["inspect", "org/inspected@no-such-branch"]) == ExitCode.INPUT
     assert "revision 'no-such-branch' does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- only the bundle
+
+
+def with_user_files(bundle_folder, folder, files: dict[str, bytes]):
+    folder = shutil.copytree(bundle_folder, folder)
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
+BUNDLE_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "jdlora_report.json"}
+
+
+def test_push_uploads_only_the_bundle_files(hub, bundle_folder, tmp_path, capsys):
+    secret = f"HF_TOKEN={TOKEN}\n".encode()
+    folder = with_user_files(
+        bundle_folder, tmp_path / "b", {".env": secret, "notes.txt": b"mine", "eval/run.json": b"{}", "x.bin": b"p"}
+    )
+    assert main(["push", str(folder), "org/only-bundle"]) == 0
+    err = capsys.readouterr().err
+    assert "not pushed (not part of the bundle): .env, eval/, notes.txt, x.bin" in err
+    remote = hub.repo_files("org/only-bundle")
+    assert set(remote) == BUNDLE_FILES | {".gitattributes"}
+    assert all(TOKEN.encode() not in data for data in remote.values())
+    assert {n: remote[n] for n in BUNDLE_FILES} == {n: (folder / n).read_bytes() for n in BUNDLE_FILES}
+
+
+def test_push_of_a_git_checkout_makes_one_commit(hub, bundle_folder, tmp_path, capsys):
+    folder = with_user_files(bundle_folder, tmp_path / "b", {".git/config": b"[core]\n", ".git/HEAD": b"ref: main\n"})
+    assert main(["push", str(folder), "org/from-git", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["push"]["commit"] == hub.head("org/from-git")
+    assert set(hub.repo_files("org/from-git")) == BUNDLE_FILES | {".gitattributes"}
+    assert len(hub.commit_history("org/from-git")) == 2
+
+
+def test_a_folder_that_cannot_be_pushed_creates_no_repo(hub, bundle_folder, tmp_path):
+    folder = with_user_files(bundle_folder, tmp_path / "b", {})
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(SourceError, match=r"has no adapter_model\.safetensors"):
+        push_bundle(folder, "org/not-created")
+    assert hub.head("org/not-created") is None and not hub.requests_to("preupload", "org/not-created")
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("a bug after the repo was created"), KeyboardInterrupt()])
+def test_any_failure_after_creating_the_repo_deletes_it_again(hub, bundle_folder, monkeypatch, failure):
+    from huggingface_hub import HfApi
+
+    def create_commit(self, *args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    created = len(hub.requests_to("create_repo"))
+    with pytest.raises(type(failure)):
+        push_bundle(bundle_folder, "org/rolled-back")
+    assert len(hub.requests_to("create_repo")) == created + 1  # the repo was created, then deleted again
+    assert hub.head("org/rolled-back") is None
+
+
+def test_pushed_files_hold_no_local_paths(hub, bundle_folder, tmp_path, capsys):
+    """A bundle built from local folders names them in its config, report and card; a push publishes `<local>/NAME`
+    instead, and says so in the card, while the local folder keeps the paths (`--refit` re-reads them)."""
+    from jdlora_hub.card import bundle_card
+    from jdlora_hub.pipeline import _original_sources
+
+    from peft_jdlora import load_bundle
+
+    folder = shutil.copytree(bundle_folder, tmp_path / "b")
+    home = "/home/alice/projects/secret-client"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = f"{home}/base"
+    config["adapter_sources"] = [
+        {"type": "local", "source": f"{home}/loras/{name}", "revision": None, "sha256": "ab" * 32, "base_model": None}
+        for name in config["adapter_names"]
+    ]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    report = json.loads((folder / "jdlora_report.json").read_text())
+    report["verification"] = {"base_model_check": {"status": "skipped", "base_model": f"{home}/base",
+                                                   "reason": f"'{home}/base' is not a local folder"}}  # fmt: skip
+    (folder / "jdlora_report.json").write_text(json.dumps(report))
+    card = bundle_card(load_bundle(folder).config, report, title="b")  # the card names the sources and the base model
+    assert f"{home}/loras/task_00" in card and f'from_pretrained("{home}/base")' in card
+    (folder / "README.md").write_text(card)
+
+    assert main(["push", str(folder), "org/redacted"]) == 0
+    assert "local paths published as <local>/NAME" in capsys.readouterr().err
+    remote = hub.repo_files("org/redacted")
+    for name in ("adapter_config.json", "jdlora_report.json", "README.md"):
+        assert b"/home/alice" not in remote[name] and b"<local>/" in remote[name], name
+    pushed = json.loads(remote["adapter_config.json"])
+    assert pushed["base_model_name_or_path"] == "<local>/base"
+    assert [s["source"] for s in pushed["adapter_sources"]] == [f"<local>/{n}" for n in config["adapter_names"]]
+    assert pushed["adapter_sources"][0]["sha256"] == "ab" * 32
+    assert "Local paths were not published" in remote["README.md"].decode()
+    assert "| <local>/task_00 |" in remote["README.md"].decode()
+    assert remote["adapter_model.safetensors"] == (folder / "adapter_model.safetensors").read_bytes()
+    assert json.loads((folder / "adapter_config.json").read_text()) == config  # the local folder keeps its paths
+
+    downloaded = tmp_path / "downloaded"
+    downloaded.mkdir()
+    for name, data in remote.items():
+        (downloaded / name).write_bytes(data)
+    with pytest.raises(SourceError, match="its path is not published"):
+        _original_sources(load_bundle(downloaded), HubClient)

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from . import __version__
 from .errors import ExitCode, JDLoraHubError, UsageError
+from .signals import Terminated, termination_raises
 
 CONVERT_EPILOG = """\
 SOURCES are PEFT LoRA adapters of one base model:
@@ -312,17 +313,22 @@ def _outputs(args: argparse.Namespace, bundle_ref: Optional[str] = None) -> Any:
     from .pipeline import OutputOptions
 
     out = args.out
-    overwrite = args.overwrite
-    if getattr(args, "in_place", False):
+    in_place = bool(getattr(args, "in_place", False))
+    if in_place:
         if out is not None:
             raise UsageError("--in-place and --out exclude each other.")
         if bundle_ref is None or not Path(bundle_ref).is_dir():
             raise UsageError("--in-place needs a local bundle folder; use --out for a Hub bundle.")
-        out, overwrite = Path(bundle_ref), True
+        out = Path(bundle_ref)
     if out is None:
         raise UsageError("--out is required (or --in-place for a local bundle).")
     return OutputOptions(
-        out=out, overwrite=overwrite, push=args.push, private=args.private, commit_message=args.commit_message
+        out=out,
+        overwrite=args.overwrite,
+        in_place=in_place,
+        push=args.push,
+        private=args.private,
+        commit_message=args.commit_message,
     )
 
 
@@ -334,7 +340,7 @@ def _compression(args: argparse.Namespace) -> Any:
     budget = getattr(args, "budget", None)
     fixed = [f"--{n}" for n in ("rank", "sigma", "clusters", "method") if getattr(args, n, None) is not None]
     if budget is not None:
-        from peft_jdlora.compression.budget import parse_budget
+        from peft_jdlora.compression.cost import parse_budget
 
         try:
             parse_budget(budget)
@@ -464,13 +470,14 @@ def _execute(parser: argparse.ArgumentParser, argv: Optional[list[str]], command
 
     def log(message: str) -> None:
         if not args.quiet:
-            print(message, file=sys.stderr, flush=True)
+            print(printable(message), file=sys.stderr, flush=True)
 
     def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
         if not args.quiet:
-            print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+            print(f"warning: {printable(' '.join(str(message).split()))}", file=sys.stderr)
 
-    with warnings.catch_warnings():
+    # SIGTERM / SIGHUP unwind like Ctrl-C, so a temporary output folder is removed and a new Hub repo deleted.
+    with warnings.catch_warnings(), termination_raises():
         warnings.showwarning = show_warning
         # Deprecation notices of the libraries underneath are for their developers, not for users of the CLI.
         warnings.simplefilter("ignore", FutureWarning)
@@ -480,6 +487,9 @@ def _execute(parser: argparse.ArgumentParser, argv: Optional[list[str]], command
         except KeyboardInterrupt:
             print(f"{prog}: interrupted.", file=sys.stderr)
             return 130
+        except Terminated as err:
+            print(f"{prog}: {err}.", file=sys.stderr)
+            return 128 + err.signum
         except JDLoraHubError as err:
             return _fail(prog, args, _one_line(err), err.exit_code)
         except Exception as err:
@@ -491,17 +501,37 @@ def _execute(parser: argparse.ArgumentParser, argv: Optional[list[str]], command
             message = f"internal error: {type(err).__name__}: {_one_line(err)} (set JDLORA_DEBUG=1 for the traceback)"
             return _fail(prog, args, message, ExitCode.INTERNAL)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, default=str, ensure_ascii=False))
+        print(json_printable(json.dumps(result.to_dict(), indent=2, default=str, ensure_ascii=False)))
     else:
         print(_format_result(result))
     return int(ExitCode.OK)
 
 
 def _fail(prog: str, args: argparse.Namespace, message: str, code: ExitCode) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {printable(message)}", file=sys.stderr)
     if getattr(args, "json", False):
-        print(json.dumps({"error": message, "exit_code": int(code)}))
+        print(json_printable(json.dumps({"error": message, "exit_code": int(code)}, ensure_ascii=False)))
     return int(code)
+
+
+def printable(text: str) -> str:
+    """`text` with every character a terminal could act on (ESC and the other control characters, bidi overrides,
+    line breaks) written as a Python escape: names and messages come from folders, configs and the Hub, and must not
+    recolour, move or rewrite the user's terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def json_printable(text: str) -> str:
+    """JSON text with the non-printable characters inside its strings written as \\u escapes (the same JSON value;
+    `json.dumps` leaves C1 controls and bidi overrides raw). Line breaks between values stay."""
+
+    def escape(c: str) -> str:
+        if c == "\n" or c.isprintable():
+            return c
+        data = c.encode("utf-16-be", "surrogatepass")
+        return "".join(f"\\u{int.from_bytes(data[i : i + 2], 'big'):04x}" for i in range(0, len(data), 2))
+
+    return "".join(escape(c) for c in text)
 
 
 # ---------------------------------------------------------------------------------------------------- text output
@@ -597,7 +627,8 @@ def _format_result(result: Any) -> str:
     if result.push:
         note = "" if result.push.get("changed", True) else " (no change: the repo already holds these files)"
         lines.append(f"pushed:        {result.push['repo_id']} @ {result.push['commit']} ({result.push['url']}){note}")
-    return "\n".join(lines)
+    # Per line: a line break inside a value (an adapter name, a source) is escaped like any control character.
+    return "\n".join(printable(line) for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------------- entry points

@@ -1,12 +1,14 @@
 """What the commands do, as Python functions: convert, add, remove, export, inspect, push.
 
 Every function that writes does so through `atomic_output_dir`: the output folder appears complete (bundle, report,
-model card, all verified) or not at all, and an existing folder is replaced only with `overwrite=True`. Pushing
-happens only after the local bundle was written and verified.
+model card, all verified) or not at all, and an existing folder is replaced only with `overwrite=True`. An output that
+is, contains or lies inside an input folder is refused; `--in-place` replaces only the bundle's own files
+(`output.py`). Pushing happens only after the local bundle was written and verified, and uploads only its files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -16,7 +18,10 @@ from typing import Any, Optional, Union
 
 from .card import adapter_rows, bundle_card, bundle_summary, export_card
 from .errors import OutputExistsError, SourceError, UsageError, VerificationError
+from .output import refuse_output_over_inputs, staged_bundle_update
 from .push import PushResult, check_push_target, push_bundle
+from .redact import is_redacted
+from .signals import held_signals
 from .sources import (
     DOWNLOAD_PATTERNS,
     AdapterSource,
@@ -79,6 +84,7 @@ class VerifyOptions:
 class OutputOptions:
     out: Path
     overwrite: bool = False
+    in_place: bool = False  # `out` is the bundle being changed: replace only its bundle files
     push: Optional[str] = None
     private: bool = False
     commit_message: Optional[str] = None
@@ -114,12 +120,44 @@ class Result:
 
 def _check_output(output: OutputOptions) -> None:
     """Refuse an existing output folder up front, before any download or compression."""
-    if output.out.exists() and not output.overwrite:
+    if output.in_place:
+        if not output.out.is_dir():
+            raise UsageError(f"--in-place needs a local bundle folder; {output.out} is not a folder.")
+    elif output.out.exists() and not output.overwrite:
         raise OutputExistsError(f"{output.out} already exists; pass --overwrite to replace it.")
     if output.out.exists() and not output.out.is_dir():
         raise OutputExistsError(f"{output.out} exists and is not a folder; it will not be replaced.")
     if output.push is not None:
         check_push_target(output.push)
+
+
+def _check_output_location(output: OutputOptions, inputs: Sequence[tuple[str, Optional[Path]]]) -> None:
+    """Refuse an `--out` that is, contains or lies inside a folder the command reads (see `output.py`). An in-place
+    update replaces only the bundle's own files, so it cannot hit an input."""
+    if not output.in_place:
+        refuse_output_over_inputs(output.out, inputs)
+
+
+def _bundle_folder(where: dict[str, Any]) -> list[tuple[str, Optional[Path]]]:
+    """The bundle a command reads, as an input, when it is a local folder."""
+    return [("the bundle being changed", Path(where["source"]))] if where.get("type") == "local" else []
+
+
+def _local_base_model(verify: VerifyOptions, recorded: Optional[str]) -> list[tuple[str, Optional[Path]]]:
+    """The base model's folder as an input, when it is a local one (the logits check reads it)."""
+    name = verify.base_model or recorded
+    path = Path(name).expanduser() if name else None
+    return [("the base model", path)] if path is not None and path.is_dir() else []
+
+
+def _spec_folders(specs: Sequence[Any]) -> list[tuple[str, Optional[Path]]]:
+    """The local SOURCE folders as inputs (known before anything is resolved or downloaded)."""
+    return [(f"the source folder {s.text!r}", Path(s.location)) for s in specs if s.kind == "local"]
+
+
+def _source_folders(sources: Sequence[AdapterSource]) -> list[tuple[str, Optional[Path]]]:
+    """The folders of resolved source adapters (local ones, and the snapshots of Hub ones) as inputs."""
+    return [(f"the folder of source adapter {s.name!r}", s.folder) for s in sources]
 
 
 def _read_adapters(sources: Sequence[AdapterSource], progress: bool) -> list[Any]:
@@ -169,8 +207,12 @@ def _write_verified(
     bundle.report = bundle.report if bundle.report is not None else {}
     bundle.extra_files.pop("README.md", None)
     verification: dict[str, Any] = {"errors_checked": True, "reloaded": False}
+    if output.in_place:
+        destination = staged_bundle_update(output.out)
+    else:
+        destination = atomic_output_dir(output.out, overwrite=output.overwrite)
     try:
-        with atomic_output_dir(output.out, overwrite=output.overwrite) as tmp:
+        with held_signals(start=False) as hold_signals, destination as tmp:
             write_bundle_files(bundle, tmp)
             check_reload(bundle, tmp)
             verification["reloaded"] = True
@@ -198,6 +240,7 @@ def _write_verified(
             bundle.extra_files["README.md"] = card
             (tmp / REPORT_NAME).write_text(json.dumps(bundle.report, indent=2, sort_keys=True, default=str) + "\n")
             (tmp / "README.md").write_text(card)
+            hold_signals()  # from here until the finished files are in place, a signal waits (no half swap)
     except FileExistsError as err:
         raise OutputExistsError(str(err)) from None
     return verification
@@ -248,6 +291,7 @@ def convert(
     specs = [parse_source(s, default_revision=revision) for s in sources]
     specs += [parse_source(s, default_revision=revision, hub_only=True) for s in from_hub]
     _check_output(output)
+    _check_output_location(output, _spec_folders(specs) + _local_base_model(verify, None))
 
     client_holder: list[HubClient] = []
 
@@ -262,6 +306,10 @@ def convert(
     for s in resolution.skipped:
         log(f"skipped {s.source}: {s.reason}")
     log(f"{len(resolution.adapters)} adapters of base model {resolution.base_model or '(not recorded)'}")
+    # Again with the downloaded sources (Hub snapshots) and the recorded base model.
+    _check_output_location(
+        output, _source_folders(resolution.adapters) + _local_base_model(verify, resolution.base_model)
+    )
 
     from peft_jdlora.compression import AdapterReadError, compress
 
@@ -367,9 +415,32 @@ def inspect(ref: str, *, revision: Optional[str] = None, progress: bool = True) 
 # ---------------------------------------------------------------------------------------------------- export
 
 
+MAX_FOLDER_NAME = 96  # characters of an exported adapter's folder name; file systems allow 255 bytes
+
+
 def _safe_folder_name(name: str) -> str:
-    """A folder name for an adapter name (names may hold '/', from org/name sources)."""
-    return name.replace("/", "--").replace("\\", "--").strip(".") or "adapter"
+    """A folder name for an adapter name: '/' (from org/name sources) becomes '--', characters no file system takes
+    (NUL, other control characters) become '_', and a long name is cut, with a hash of the whole name appended so
+    that two long names stay apart. The adapter's own name is kept in the folder's README and the command's output."""
+    safe = "".join(c if c.isprintable() else "_" for c in name.replace("/", "--").replace("\\", "--")).strip(". ")
+    safe = safe or "adapter"
+    if len(safe) > MAX_FOLDER_NAME or len(safe.encode()) > 4 * MAX_FOLDER_NAME:
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        safe = f"{safe[: MAX_FOLDER_NAME - 13]}-{digest}"
+    return safe
+
+
+def _export_slot(config: Any, name: str) -> int:
+    """The slot of `--adapter NAME`: an adapter of that name first (names may be digits), else an index."""
+    if name in config.adapter_names:
+        return config.adapter_names.index(name)
+    try:
+        slot = config.resolve_adapter(int(name) if name.isdigit() else name)
+    except (KeyError, IndexError) as err:
+        raise SourceError(str(err.args[0]) if err.args else str(err)) from None
+    if slot < 0:
+        raise SourceError(f"{name!r} is the base model, not an adapter: nothing to export.")
+    return slot
 
 
 def export(
@@ -393,15 +464,15 @@ def export(
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it.")
     bundle, where = open_bundle(ref, revision=revision, progress=progress)
-    names = list(bundle.config.adapter_names) if all_adapters else list(adapters)
-    resolved = []
+    if where["type"] == "local":
+        refuse_output_over_inputs(out, [("the bundle being exported", Path(where["source"]))])
+    names = list(bundle.config.adapter_names) if all_adapters else [str(name) for name in adapters]
+    resolved: list[str] = []
     for name in names:
-        try:
-            slot = bundle.config.resolve_adapter(int(name) if isinstance(name, str) and name.isdigit() else name)
-        except (KeyError, IndexError) as err:
-            raise SourceError(str(err.args[0]) if err.args else str(err)) from None
-        resolved.append(bundle.config.adapter_names[slot])
-    single = len(resolved) == 1 and not all_adapters
+        adapter = bundle.config.adapter_names[_export_slot(bundle.config, name)]
+        if adapter not in resolved:  # `--adapter a --adapter 0` names one adapter twice
+            resolved.append(adapter)
+    single = len(names) == 1 and not all_adapters  # one --adapter: --out is the LoRA folder itself
     bundle_ref = where["source"] if where["type"] == "local" else f"{where['source']}@{where['revision'][:10]}"
     written = []
     try:
@@ -442,6 +513,11 @@ def _original_sources(bundle: Any, hub: Callable[[], HubClient]) -> list[Adapter
         kind = entry.get("type") or ("local" if where and Path(where).is_dir() else "hub")
         if not where:
             raise SourceError(f"adapter {name!r} has no recorded source, so it cannot be re-read for --refit.")
+        if is_redacted(where):
+            raise SourceError(
+                f"adapter {name!r} came from a local folder of the machine that built the bundle ({where}: its path "
+                "is not published), so it cannot be re-read for --refit; refit from that machine's copy of the bundle."
+            )
         if kind == "local":
             folder = Path(where)
             weights = weights_file(folder) if folder.is_dir() else None
@@ -483,6 +559,7 @@ def add(
     _check_output(output)
     bundle, where = open_bundle(ref, progress=progress)
     base = bundle.config.base_model_name_or_path
+    _check_output_location(output, _bundle_folder(where) + _spec_folders(specs) + _local_base_model(verify, base))
 
     client_holder: list[HubClient] = []
 
@@ -505,6 +582,7 @@ def add(
             f"the bundle already holds adapters named {clashes}: remove them first (`jdlora remove`) or give the new "
             "ones other names with NAME=SOURCE."
         )
+    _check_output_location(output, _source_folders(resolution.adapters))
     new_adapters = _read_adapters(resolution.adapters, progress)
 
     from peft_jdlora.compression import AdapterReadError, compress, project
@@ -515,6 +593,7 @@ def add(
             old_adapters = _read_adapters(old_sources, progress)
             settings = _bundle_settings(bundle)
             settings.update({k: v for k, v in (compression or CompressionOptions()).kwargs().items() if v is not None})
+            _check_output_location(output, _source_folders(old_sources))
             new_bundle = compress(old_adapters + new_adapters, progress=progress, **settings)
             _fill_sources(new_bundle, old_adapters + new_adapters)
             originals = {s.name: s.folder for s in old_sources + resolution.adapters}
@@ -562,6 +641,7 @@ def remove(
         raise UsageError("name the adapters to remove.")
     _check_output(output)
     bundle, where = open_bundle(ref, progress=progress)
+    _check_output_location(output, _bundle_folder(where))
     missing = [n for n in names if n not in bundle.config.adapter_names]
     if missing:
         raise SourceError(

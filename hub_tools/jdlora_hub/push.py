@@ -6,28 +6,31 @@ the Hub applies completely or not at all. The commit is made against the sha the
 (`parent_commit`), so a concurrent push is refused instead of silently interleaved. If the repo was created for this
 push and the commit fails, the empty repo is deleted again: a failed push leaves the Hub as it was.
 
+Only the bundle's own files are uploaded (config, weights, report, card: `output.BUNDLE_FILES`), never whatever else
+lies in the folder (`.git/`, a `.env` holding a token, notes), and with local paths redacted (`redact`). The commit is
+prepared and checked before the repo is created, so a folder that cannot be pushed leaves no empty repo behind.
+
 The token is only ever handed to huggingface_hub; messages name the repo and the user, never the token.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
-from .errors import HubOperationError, UsageError
+from .errors import HubOperationError, SourceError, UsageError
+from .output import BUNDLE_FILES, CARD_FILE, CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE
+from .redact import dumps, publishable
 from .sources import hub_errors
 
-# Files a bundle consists of: a stale copy of one of these in the repo (e.g. an old .bin) would confuse loaders.
-BUNDLE_FILES = (
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "adapter_model.bin",
-    "jdlora_report.json",
-    "README.md",
-)
+# Bundle files the repo may hold from an older push and the folder no longer has: deleted in the same commit (a stale
+# .bin beside the safetensors would confuse loaders and readers).
+STALE_REMOTE_FILES = (*BUNDLE_FILES, "adapter_model.bin")
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 
 
@@ -63,6 +66,48 @@ def check_push_target(repo_id: str) -> None:
         )
 
 
+@dataclass
+class Upload:
+    """What a push of a bundle folder sends: {path in repo: bytes or local file}, and what it leaves out."""
+
+    files: dict[str, Union[bytes, str]]
+    left_out: list[str]  # other entries of the folder, never uploaded
+    redacted: list[str]  # local paths replaced by <local>/NAME in the config, report and card
+
+
+def bundle_upload(folder: Path) -> Upload:
+    """The bundle files of `folder` as a push publishes them (config, report and card with local paths redacted),
+    checked before anything is sent: the redacted config must still load as a JD-LoRA config."""
+    from peft_jdlora import BundleFormatError
+    from peft_jdlora.bundle import read_config
+
+    folder = Path(folder)
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise SourceError(f"{folder} is not a complete bundle folder: it has no {', '.join(missing)}.")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        report = json.loads((folder / REPORT_FILE).read_text()) if (folder / REPORT_FILE).is_file() else None
+        card = (folder / CARD_FILE).read_text()
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SourceError(f"{folder}: a bundle file cannot be read ({err}).") from None
+    files: dict[str, Union[bytes, str]] = {n: str(folder / n) for n in BUNDLE_FILES if (folder / n).is_file()}
+    config, report, card, redacted = publishable(config, report, card)
+    if redacted:  # the files as they are, unless they name local paths
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / CONFIG_FILE).write_bytes(dumps(config))
+            try:
+                read_config(Path(tmp))
+            except BundleFormatError as err:  # the redaction must not break the bundle: refuse rather than publish
+                raise SourceError(f"{folder}: the config to push does not load: {err}") from None
+        files[CONFIG_FILE] = dumps(config)
+        files[CARD_FILE] = card.encode()
+        if report is not None:
+            files[REPORT_FILE] = dumps(report)
+    left_out = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name not in files)
+    return Upload(files=files, left_out=left_out, redacted=redacted)
+
+
 def push_bundle(
     folder: Path,
     repo_id: str,
@@ -71,48 +116,47 @@ def push_bundle(
     commit_message: Optional[str] = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> PushResult:
-    """Upload every file of `folder` to `repo_id` in one commit (creating the repo if needed)."""
+    """Upload the bundle files of `folder` to `repo_id` in one commit, creating the repo if needed.
+
+    In this order: the files are read and checked and the commit's operations built (a folder that cannot be pushed
+    fails here, before the Hub is touched), then the repo is created if it does not exist, then one commit is made.
+    A repo created by this call is deleted again if anything after its creation fails."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi()
-    folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    if not files:
-        raise UsageError(f"{folder} holds no files to push.")
+    upload = bundle_upload(folder)
+    if upload.left_out:
+        log(f"not pushed (not part of the bundle): {', '.join(upload.left_out)}")
+    if upload.redacted:
+        log(f"local paths published as <local>/NAME: {len(upload.redacted)}")
+    additions = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in upload.files.items()]
+    message = commit_message or f"Upload JD-LoRA bundle ({len(additions)} files) with jdlora-convert"
     with hub_errors(f"checking Hub repo {repo_id}"):
         existed = api.repo_exists(repo_id)
-    created_sha = None
     if not existed:
         with hub_errors(f"creating Hub repo {repo_id}"):
             api.create_repo(repo_id, private=private, exist_ok=True)
-    with hub_errors(f"reading Hub repo {repo_id}"):
-        info = api.model_info(repo_id, files_metadata=False)
-    parent = info.sha
-    if not existed:
-        created_sha = parent
-        log(f"created Hub repo {repo_id}")
-    remote = {s.rfilename for s in info.siblings or []}
-    local = {p.relative_to(folder).as_posix() for p in files}
-    operations: list = [
-        CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files
-    ]
-    operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(remote & set(BUNDLE_FILES) - local)]
-    message = commit_message or f"Upload JD-LoRA bundle ({len(files)} files) with jdlora-convert"
+    parent: Optional[str] = None  # the repo's head before the commit
+    committed = False  # create_commit was called: from then on, whether it landed must be looked up
     try:
+        with hub_errors(f"reading Hub repo {repo_id}"):
+            info = api.model_info(repo_id, files_metadata=False)
+        parent = info.sha
+        if not existed:
+            log(f"created Hub repo {repo_id}")
+        remote = {s.rfilename for s in info.siblings or []}
+        stale = sorted(remote & set(STALE_REMOTE_FILES) - set(upload.files))
+        operations: list = [*additions, *(CommitOperationDelete(path_in_repo=name) for name in stale)]
+        committed = True
         with hub_errors(f"pushing to Hub repo {repo_id}"):
             commit = api.create_commit(repo_id, operations, commit_message=message, parent_commit=parent)
     except HubOperationError as err:
-        # A Hub commit is atomic, but a dropped connection leaves open whether it landed: look before claiming.
-        head = _head(api, repo_id)
-        if head == parent and created_sha is not None and _delete_if_untouched(api, repo_id, created_sha):
-            raise HubOperationError(
-                f"{err} Nothing was pushed: the repo created for this push was deleted again."
-            ) from err
-        if head == parent:
-            raise HubOperationError(f"{err} The commit was not applied: {repo_id} is unchanged.") from err
-        if head is None:
-            raise HubOperationError(f"{err} {repo_id} cannot be read back: check whether the upload landed.") from err
-        raise HubOperationError(f"{err} {repo_id} is now at {head}: check whether the upload landed.") from err
+        raise _explained(api, err, repo_id, created=not existed, parent=parent, committed=committed) from err
+    except BaseException:
+        # Not a Hub failure (a bug, Ctrl-C, SIGTERM): never leave behind an empty repo that this call created.
+        if not existed:
+            _delete_if_untouched(api, repo_id, parent if parent is not None else _head(api, repo_id))
+        raise
     return PushResult(
         repo_id=repo_id,
         commit=commit.oid,
@@ -122,6 +166,22 @@ def push_bundle(
     )
 
 
+def _explained(
+    api, err: HubOperationError, repo_id: str, *, created: bool, parent: Optional[str], committed: bool
+) -> HubOperationError:
+    """The failure, with what it left on the Hub. A Hub commit is atomic, but a dropped connection leaves open whether
+    it landed: look before claiming anything."""
+    head = _head(api, repo_id)
+    untouched = head is not None and (head == parent or (parent is None and not committed))
+    if untouched and created and _delete_if_untouched(api, repo_id, head):
+        return HubOperationError(f"{err} Nothing was pushed: the repo created for this push was deleted again.")
+    if untouched or (not committed and not created):
+        return HubOperationError(f"{err} The commit was not applied: {repo_id} is unchanged.")
+    if head is None:
+        return HubOperationError(f"{err} {repo_id} cannot be read back: check whether the upload landed.")
+    return HubOperationError(f"{err} {repo_id} is now at {head}: check whether the upload landed.")
+
+
 def _head(api, repo_id: str) -> Optional[str]:
     try:
         return api.model_info(repo_id).sha
@@ -129,8 +189,10 @@ def _head(api, repo_id: str) -> Optional[str]:
         return None
 
 
-def _delete_if_untouched(api, repo_id: str, created_sha: str) -> bool:
+def _delete_if_untouched(api, repo_id: str, created_sha: Optional[str]) -> bool:
     """Delete a repo this push created, but only if nobody has committed to it since (its head is still ours)."""
+    if created_sha is None:
+        return False
     try:
         if api.model_info(repo_id).sha != created_sha:
             return False

@@ -86,6 +86,8 @@ def parse_source(text: str, default_revision: Optional[str] = None, hub_only: bo
     match = _NAME_PREFIX_RE.match(text)
     if match and (hub_only or not Path(text).expanduser().exists()):
         name, rest = match.group(1), match.group(2)
+    elif match is None and "=" in text and (hub_only or not Path(text).expanduser().exists()):
+        _refuse_bad_name(text, hub_only)
     path = Path(rest).expanduser()
     if path.exists() and not hub_only:
         if not path.is_dir():
@@ -112,6 +114,29 @@ def parse_source(text: str, default_revision: Optional[str] = None, hub_only: bo
     except HFValidationError as err:
         raise SourceError(f"{rest!r} is neither an existing folder nor a valid Hub repo id: {err}") from None
     return SourceSpec(text, kind, repo, revision or default_revision, name)
+
+
+def _refuse_bad_name(text: str, hub_only: bool) -> None:
+    """`text` holds '=' but does not start with a valid NAME=: if it reads as NAME=SOURCE (the part before '=' is not
+    the start of a path, or the part after it exists), say what is wrong with the name instead of reporting a missing
+    folder named like the whole argument."""
+    head, _, tail = text.partition("=")
+    looks_like_path = head.startswith((".", "/", "~")) or "\\" in head
+    if looks_like_path and not hub_only and not Path(tail).expanduser().exists():
+        return  # e.g. ./runs/lr=1e-4: a folder path that happens to hold '=' (reported as missing further on)
+    if not tail:
+        raise SourceError(f"nothing follows '=' in {text!r}: NAME=SOURCE needs a source after the name.")
+    bad = sorted({c for c in head if not (c.isascii() and (c.isalnum() or c in "_.-"))})
+    if not head:
+        problem = "it is empty"
+    elif bad:
+        problem = f"it holds {', '.join(repr(c) for c in bad)}"
+    else:
+        problem = f"it starts with {head[0]!r}"
+    raise SourceError(
+        f"{head!r} in {text!r} is not a valid adapter name ({problem}): in NAME=SOURCE, NAME holds only ASCII letters, "
+        "digits, '_', '.' and '-', and starts with a letter or digit."
+    )
 
 
 def glob_prefix(pattern: str) -> str:
@@ -380,6 +405,11 @@ def resolve_sources(
     for spec in specs:
         if spec.kind == "local":
             folder = Path(spec.location)
+            if spec.name is None and not folder.name.isprintable():
+                raise SourceError(
+                    f"the folder name {folder.name!r} ({spec.location!r}) holds control characters and cannot name an "
+                    "adapter: give it a name with NAME=SOURCE."
+                )
             config = _read_local_config(folder, spec.location)
             problem = lora_problem(config)
             if problem:

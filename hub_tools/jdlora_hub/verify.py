@@ -170,6 +170,33 @@ def _load_base(folder: Path, task_type: Optional[str], device: str) -> Any:
     return model.to(device).eval()
 
 
+def check_base_fits(base: Any, bundle: Any, base_name: str) -> None:
+    """Every module of the bundle must exist in the base model with the shape the bundle was made for. Another model
+    (another hidden size, another architecture) is bad input: it is named here, with the module, instead of failing
+    deep inside PEFT's loading of the original adapters."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    for module, factors in bundle.modules.items():
+        try:
+            layer = base.get_submodule(module)
+        except AttributeError:
+            raise SourceError(
+                f"the base model {base_name} does not fit the bundle: it has no module {module!r}."
+            ) from None
+        if isinstance(layer, torch.nn.Linear):
+            shape = (layer.out_features, layer.in_features)
+        elif isinstance(layer, Conv1D):
+            shape = (layer.nf, layer.weight.shape[0])
+        else:  # the tuner names what it cannot patch
+            continue
+        if shape != tuple(factors.shape):
+            raise SourceError(
+                f"the base model {base_name} does not fit the bundle: module {module!r} is {shape[0]}x{shape[1]} "
+                f"(out x in) there, {factors.shape[0]}x{factors.shape[1]} in the bundle (another model size?)."
+            )
+
+
 def _forward(model: Any, input_ids: Any, **kwargs: Any) -> Any:
     import torch
 
@@ -221,6 +248,7 @@ def base_model_check(
     if not names:
         return {"status": "skipped", "reason": "no original adapter folder at hand", "base_model": base_name}
     base = _load_base(base_folder, bundle.config.task_type, device)
+    check_base_fits(base, bundle, base_name)
     vocab = base.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(min(3, vocab - 1), vocab, (len(names), NUM_TOKENS), generator=gen).to(device)
