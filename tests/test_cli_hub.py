@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -275,3 +276,104 @@ def test_failed_upload_midway_leaves_the_remote_repo_unchanged(world, converted)
     sources = local.config.adapter_sources
     assert sources[0]["revision"] == sha_a != hub.head("org/task-a")
     assert sources[1]["revision"] == hub.head("org/task-b") and sources[1]["requested_revision"] == "main"
+
+
+# ---------------------------------------------------------------------------------------------------- interrupted
+
+
+def temp_entries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
+
+
+@pytest.mark.parametrize(
+    ("signum", "code", "message", "in_place"),
+    [
+        (signal.SIGTERM, 143, "terminated by SIGTERM", False),
+        (signal.SIGINT, 130, "interrupted", False),
+        (signal.SIGTERM, 143, "terminated by SIGTERM", True),
+    ],
+)
+def test_a_signal_during_verification_leaves_nothing_behind(
+    world, converted, tmp_path, signum, code, message, in_place
+):
+    """The process is stopped while it verifies the written bundle (the base model's Hub request is held): the
+    temporary folder goes away, no output appears, an in-place bundle stays exactly as it was."""
+    if in_place:
+        folder = shutil.copytree(converted[0], tmp_path / "bundle")
+        (folder / "notes.txt").write_text("mine")
+        make_lora_adapter(tiny_llama(), tmp_path / "task-d", seed=6, base_model_name="org/tiny-llama")
+        argv = ["add", str(folder), str(tmp_path / "task-d"), "--in-place"]
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        staging = folder
+    else:
+        folder = tmp_path / "out"
+        argv = ["convert", str(world.root / "task-a"), str(world.root / "task-b"), "--out", str(folder), "--rank", "8"]
+        staging = tmp_path
+    hold = world.hub.hold_next("model_info", repo_id="org/tiny-llama")
+    proc = subprocess.Popen(
+        [*script("jdlora"), *argv, "--base-model", "org/tiny-llama"],
+        env=world.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert hold.reached.wait(240), "the command never asked for the base model"
+        assert temp_entries(staging), "the command should be writing its temporary folder now"
+        proc.send_signal(signum)
+    finally:
+        hold.release()
+        _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == code, stderr
+    assert stderr.strip().splitlines()[-1] == f"jdlora: {message}." and "Traceback" not in stderr
+    assert temp_entries(staging) == [] and temp_entries(tmp_path) == []
+    if in_place:
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    else:
+        assert not folder.exists()
+
+
+# ---------------------------------------------------------------------------------------------------- published
+
+
+def test_push_publishes_no_local_paths(world, tmp_path):
+    """Adapters from local folders, verified on a local base model: the pushed config, report and card name them as
+    <local>/NAME; the local bundle keeps the full paths."""
+    base = tiny_llama()
+    for name, seed in (("local-a", 7), ("local-b", 8)):
+        make_lora_adapter(base, tmp_path / name, seed=seed, base_model_name=str(world.root / "base"))
+    out = tmp_path / "bundle"
+    result = world.run(
+        "jdlora-convert", str(tmp_path / "local-a"), str(tmp_path / "local-b"), "--out", str(out), "--rank", "8",
+        "--push", "org/from-local", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["verification"]["base_model_check"]["status"] == "ok"
+    remote = world.hub.repo_files("org/from-local")
+    assert set(remote) == {".gitattributes", *(p.name for p in out.iterdir())}
+    for name in ("adapter_config.json", "jdlora_report.json", "README.md"):
+        assert str(tmp_path).encode() not in remote[name] and str(world.root).encode() not in remote[name], name
+        assert str(tmp_path).encode() in (out / name).read_bytes() or name == "jdlora_report.json"
+    config = json.loads(remote["adapter_config.json"])
+    assert config["base_model_name_or_path"] == "<local>/base"
+    assert [s["source"] for s in config["adapter_sources"]] == ["<local>/local-a", "<local>/local-b"]
+    report = json.loads(remote["jdlora_report.json"])
+    assert report["verification"]["base_model_check"]["base_model"] == "<local>/base"
+    assert "Local paths were not published" in remote["README.md"].decode()
+
+
+# ---------------------------------------------------------------------------------------------------- bad bundles
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("num_clusters", "2"), ("default_adapter", "nobody"), ("rank_pattern", ["q_proj"]), ("sigma_pattern", ["diag"])],
+)
+def test_a_bundle_config_with_a_bad_field_is_bad_input(world, converted, tmp_path, field, value):
+    folder = shutil.copytree(converted[0], tmp_path / "bundle")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config[field] = value
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    for argv in (["inspect", str(folder)], ["export", str(folder), "--all", "--out", str(tmp_path / "o")]):
+        assert_one_line_error(world.run("jdlora", *argv, "--offline"), 3, field)
+    assert not (tmp_path / "o").exists()

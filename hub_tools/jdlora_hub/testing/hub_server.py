@@ -23,6 +23,8 @@ Files are stored as content-addressed blobs under a data folder (git blob ids, s
 regular files); repos, commits and refs live in memory. Write endpoints require a bearer token (any token, or the
 one given to `LocalHub(token=...)`). Failure injection (`fail_next`) makes the next matching request fail, either
 with an HTTP error or by dropping the connection after reading part of the body, and never changes any repo.
+`hold_next` makes the next matching request wait until the test releases it (a slow network), so that a test can act
+(e.g. send a signal to the client process) at a known point of the client's work.
 
 Use it in-process (a background thread):
 
@@ -107,6 +109,20 @@ class Failure:
 
 
 @dataclass
+class Hold:
+    """One held request: the next request of kind `endpoint` waits, before it is answered, until `release()`."""
+
+    endpoint: str
+    repo_id: Optional[str] = None
+    timeout: float = 60.0
+    reached: threading.Event = field(default_factory=threading.Event)  # set when the request has arrived
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@dataclass
 class RequestRecord:
     method: str
     path: str
@@ -165,6 +181,7 @@ class LocalHub:
         self.repos: dict[str, Repo] = {}
         self.requests: list[RequestRecord] = []
         self._failures: list[Failure] = []
+        self._holds: list[Hold] = []
         self._lock = threading.RLock()
         self._counter = 0
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
@@ -282,6 +299,17 @@ class LocalHub:
     def clear_failures(self) -> None:
         with self._lock:
             self._failures.clear()
+            for hold in self._holds:
+                hold.release()
+            self._holds.clear()
+
+    def hold_next(self, endpoint: str, *, repo_id: Optional[str] = None, timeout: float = 60.0) -> Hold:
+        """Make the next request of kind `endpoint` (as for `fail_next`) wait until `release()` is called on the
+        returned `Hold` (or `timeout` seconds pass), then answer it normally. `Hold.reached` is set when it arrives."""
+        hold = Hold(endpoint, repo_id, timeout)
+        with self._lock:
+            self._holds.append(hold)
+        return hold
 
     def requests_to(self, endpoint: str, repo_id: Optional[str] = None) -> list[RequestRecord]:
         with self._lock:
@@ -359,6 +387,13 @@ class LocalHub:
         repo.history.append(sha)
         repo.branches[branch] = sha
         return sha
+
+    def _take_hold(self, endpoint: str, repo_id: Optional[str]) -> Optional[Hold]:
+        with self._lock:
+            for i, hold in enumerate(self._holds):
+                if hold.endpoint == endpoint and (hold.repo_id is None or hold.repo_id == repo_id):
+                    return self._holds.pop(i)
+        return None
 
     def _take_failure(self, endpoint: str, repo_id: Optional[str]) -> Optional[Failure]:
         with self._lock:
@@ -481,6 +516,10 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         authorized = self._authorized()
         status = 500
         try:
+            hold = self.hub._take_hold(endpoint, repo_id)
+            if hold is not None:
+                hold.reached.set()
+                hold.released.wait(hold.timeout)
             failure = self.hub._take_failure(endpoint, repo_id)
             if failure is not None:
                 if failure.disconnect:
@@ -506,6 +545,9 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         except HubError as err:
             status = err.status
             self._send_error(err)
+        except (BrokenPipeError, ConnectionResetError):  # the client is gone (e.g. killed while held)
+            status = 0
+            self.close_connection = True
         except Exception as err:  # a bug in the server: answer 500 rather than hang the client
             status = 500
             self._send_error(HubError(500, f"local test Hub error: {err!r}"))
