@@ -497,3 +497,26 @@ def test_base_model_of_another_size_is_bad_input(local, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not fit the bundle" in err and "'model.layers.0.self_attn.q_proj' is 32x32" in err and "64x64" in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_signals_raise_and_wait_while_files_are_renamed_into_place():
+    import signal
+
+    from jdlora_hub.signals import Terminated, held_signals, termination_raises
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with termination_raises():
+        with pytest.raises(Terminated) as raised:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between two bytecodes of the main thread
+                pass
+        assert raised.value.signum == signal.SIGTERM
+        steps = []
+        with pytest.raises(KeyboardInterrupt):
+            with held_signals():
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):
+                    pass
+                steps.append("the block ran to its end")  # held: the signal waits for the block
+        assert steps == ["the block ran to its end"]
+    assert signal.getsignal(signal.SIGTERM) is previous

@@ -19,8 +19,10 @@ from typing import Any
 
 TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
-_hold_depth = 0
-_pending: list[int] = []
+_hold_depth = 0  # nesting of held_signals blocks (all threads)
+_pending: list[int] = []  # signals received while held
+# Re-entrant: the handler runs in the main thread between two bytecodes, possibly inside a held_signals block there.
+_lock = threading.RLock()
 
 
 class Terminated(BaseException):
@@ -39,9 +41,10 @@ def _raise_for(signum: int) -> None:
 
 
 def _handler(signum: int, frame: Any) -> None:
-    if _hold_depth > 0:
-        _pending.append(signum)
-        return
+    with _lock:
+        if _hold_depth > 0:
+            _pending.append(signum)
+            return
     _raise_for(signum)
 
 
@@ -72,15 +75,15 @@ def held_signals(*, start: bool = True) -> Iterator[Callable[[], None]]:
     """Hold termination signals (those routed through `termination_raises`) until the block ends, then raise for the
     first one that arrived. With `start=False` the hold begins only when the yielded function is called, e.g. at the
     end of an inner `with` block whose exit does the swap."""
-    global _hold_depth
     started = False
 
     def begin() -> None:
         global _hold_depth
         nonlocal started
-        if not started:
-            started = True
-            _hold_depth += 1
+        with _lock:
+            if not started:
+                started = True
+                _hold_depth += 1
 
     if start:
         begin()
@@ -88,8 +91,15 @@ def held_signals(*, start: bool = True) -> Iterator[Callable[[], None]]:
         yield begin
     finally:
         if started:
-            _hold_depth -= 1
-            if _hold_depth == 0 and _pending:
-                signum = _pending[0]
-                _pending.clear()
-                _raise_for(signum)
+            _release_hold()
+
+
+def _release_hold() -> None:
+    global _hold_depth
+    with _lock:
+        _hold_depth -= 1
+        signum = _pending[0] if _hold_depth == 0 and _pending else None
+        if signum is not None:
+            _pending.clear()
+    if signum is not None:
+        _raise_for(signum)
