@@ -1,0 +1,194 @@
+"""The plugin in vLLM's front end: requests are checked before they reach the engine, and the OpenAI server
+serves every bundle adapter by name.
+
+- `InputProcessor._validate_lora` (every `LLM.generate` / server request) also checks a request that names a bundle:
+  the adapter exists (else a `VLLMValidationError` for that request, not an engine error), a name that several
+  configured bundles hold is served as "<bundle>/<adapter>", one `lora_int_id` never names two adapters, and the
+  ordinary LoRAs that need a pool entry in bundle-patched modules fit `plain_lora_slots`.
+- `OpenAIServingModels.init_static_loras` also registers every bundle adapter under its served names, so
+  `"model": "<adapter name>"` works and `/v1/models` lists them, without `VLLM_ALLOW_RUNTIME_LORA_UPDATING`.
+- `BundleAdapterResolver` (registered as the LoRA resolver "jdlora") answers the same names when runtime LoRA
+  updating is on.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+from vllm.exceptions import VLLMValidationError
+from vllm.logger import init_logger
+from vllm.lora.request import LoRARequest
+from vllm.lora.resolver import LoRAResolver
+
+from .catalog import AdapterRef, BundleCatalog, UnknownAdapterError, is_bundle_folder
+from .settings import JDVllmSettings
+
+logger = init_logger("vllm.jdlora")
+
+
+class FrontendState:
+    """What one front end knows of the configured bundles and of the ids its requests used."""
+
+    def __init__(self, settings: JDVllmSettings, catalog: BundleCatalog) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self._lock = threading.Lock()
+        self._id_owner: dict[int, tuple] = {}  # lora_int_id -> ("bundle", b, a) | ("lora", path)
+        self._pooled_loras: set[int] = set()
+        self._bundle_suffixes = {
+            module.rpartition(".")[2] for b in catalog.bundles for module in _target_list(b.config.target_modules)
+        }
+
+    def check(self, lora_request: LoRARequest) -> None:
+        """Check (and, for an ambiguous adapter name, qualify) one request; raises `VLLMValidationError`."""
+        try:
+            ref = self.catalog.lookup(lora_request.lora_name, lora_request.lora_path)
+        except UnknownAdapterError as err:
+            raise VLLMValidationError(str(err), parameter="lora_request", value=lora_request.lora_name) from None
+        if ref is not None:
+            if self.catalog.is_ambiguous(lora_request.lora_name):
+                # LoRARequest equality is by name: two bundles' "task_a" in one step must not collapse into one.
+                lora_request.lora_name = self.catalog.qualified_name(ref)
+            self._bind(lora_request, ("bundle", ref.bundle, ref.adapter))
+            return
+        if is_bundle_folder(lora_request.lora_path):
+            configured = [b.spec.source for b in self.catalog.bundles]
+            raise VLLMValidationError(
+                f"LoRA request {lora_request.lora_name!r} points at the JD-LoRA bundle {lora_request.lora_path!r}, "
+                f"which is not among the configured bundles {configured}.",
+                parameter="lora_request",
+                value=lora_request.lora_path,
+            )
+        self._bind(lora_request, ("lora", lora_request.lora_path))
+        if self._needs_pool_entry(lora_request.lora_path):
+            with self._lock:
+                pooled = self._pooled_loras | {lora_request.lora_int_id}
+                if len(pooled) > self.settings.plain_lora_slots:
+                    raise VLLMValidationError(
+                        f"ordinary LoRA {lora_request.lora_name!r} patches modules that a JD-LoRA bundle patches, and "
+                        f"this engine holds at most jdlora.plain_lora_slots={self.settings.plain_lora_slots} such "
+                        "LoRAs: raise plain_lora_slots in additional_config['jdlora'].",
+                        parameter="lora_request",
+                        value=lora_request.lora_name,
+                    )
+                self._pooled_loras = pooled
+
+    def _bind(self, lora_request: LoRARequest, owner: tuple) -> None:
+        with self._lock:
+            previous = self._id_owner.setdefault(lora_request.lora_int_id, owner)
+        if previous != owner:
+            raise VLLMValidationError(
+                f"lora_int_id {lora_request.lora_int_id} already names another adapter ({_describe(previous)}); "
+                f"give {lora_request.lora_name!r} its own id: vLLM keys loaded adapters by id.",
+                parameter="lora_request",
+                value=lora_request.lora_int_id,
+            )
+
+    def _needs_pool_entry(self, lora_path: str) -> bool:
+        """Whether an ordinary LoRA may patch a module a bundle patches (True unless its config says otherwise)."""
+        config_file = Path(lora_path) / "adapter_config.json"
+        try:
+            targets = json.loads(config_file.read_text()).get("target_modules")
+        except (OSError, ValueError, AttributeError):
+            return True
+        if not isinstance(targets, list):  # a regex, or missing: assume it may
+            return True
+        return any(t.rpartition(".")[2] in self._bundle_suffixes for t in targets if isinstance(t, str))
+
+    def served_requests(self, next_id: Any, base_model_name: Optional[str]) -> dict[str, LoRARequest]:
+        """A `LoRARequest` for every served name of every bundle adapter, ids from `next_id()`."""
+        requests = {}
+        for name, ref in self.catalog.served_names():
+            request = LoRARequest(
+                lora_name=name,
+                lora_int_id=next_id(),
+                lora_path=self.catalog.bundles[ref.bundle].spec.source,
+                base_model_name=base_model_name,
+            )
+            self._bind(request, ("bundle", ref.bundle, ref.adapter))
+            requests[name] = request
+        return requests
+
+
+def _describe(owner: tuple) -> str:
+    return f"bundle adapter {owner[1]}:{owner[2]}" if owner[0] == "bundle" else f"the LoRA at {owner[1]!r}"
+
+
+def _target_list(target_modules: Any) -> list[str]:
+    return list(target_modules) if isinstance(target_modules, (list, tuple, set)) else []
+
+
+_states: dict[int, Optional[FrontendState]] = {}
+_states_lock = threading.Lock()
+
+
+def frontend_state(vllm_config: Any) -> Optional[FrontendState]:
+    """The front end's state for an engine config (parsed and opened once), or None without a jdlora entry."""
+    key = id(vllm_config)
+    with _states_lock:
+        if key not in _states:
+            settings = JDVllmSettings.from_additional_config(getattr(vllm_config, "additional_config", None))
+            _states[key] = None if settings is None else FrontendState(settings, BundleCatalog.open(settings))
+        return _states[key]
+
+
+# ---------------------------------------------------------------------------- patches installed by register()
+
+
+def validate_lora_with_bundles(original: Any) -> Any:
+    def _validate_lora(self: Any, lora_request: Optional[LoRARequest]) -> None:
+        original(self, lora_request)
+        if lora_request is None:
+            return
+        state = frontend_state(self.vllm_config)
+        if state is not None:
+            state.check(lora_request)
+
+    _validate_lora._jdlora_wrapped = True
+    return _validate_lora
+
+
+def init_static_loras_with_bundles(original: Any) -> Any:
+    async def init_static_loras(self: Any) -> None:
+        await original(self)
+        state = frontend_state(self.engine_client.vllm_config)
+        if state is None:
+            return
+        requests = state.served_requests(lambda: self.lora_id_counter.inc(1), self.base_model_paths[0].name)
+        taken = sorted(set(requests) & set(self.lora_requests))
+        if taken:
+            raise ValueError(
+                f"--lora-modules names {taken} are also adapter names of the configured JD-LoRA bundles: rename them."
+            )
+        self.lora_requests.update(requests)
+        global _server_catalog
+        _server_catalog = state
+        logger.info("jdlora: the server serves %d bundle adapter names.", len(requests))
+
+    init_static_loras._jdlora_wrapped = True
+    return init_static_loras
+
+
+_server_catalog: Optional[FrontendState] = None
+
+
+class BundleAdapterResolver(LoRAResolver):
+    """Resolves `"model": "<adapter>"` or `"<bundle>/<adapter>"` to the bundle adapter (runtime LoRA updating)."""
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> Optional[LoRARequest]:
+        state = _server_catalog
+        if state is None:
+            return None
+        try:
+            ref: AdapterRef = state.catalog.resolve_name(lora_name)
+        except UnknownAdapterError:
+            return None
+        return LoRARequest(
+            lora_name=lora_name,
+            lora_int_id=1,  # the server replaces it with its own counter
+            lora_path=state.catalog.bundles[ref.bundle].spec.source,
+            base_model_name=base_model_name,
+        )
