@@ -383,12 +383,13 @@ class Run:
     def time_for(self, index: int) -> float:
         """Seconds stage `index` may take: its budget, within what is left after the later stages' reserves."""
         stage = self.stages[index]
+        budget = None if stage.budget_s is None else stage.budget_s * (2 if self.args.dry_run else 1)  # interpreter
         left = self.deadline - time.time()
         reserve = 0.0
         for later in self.stages[index + 1 :]:  # only for the later stages that can still fit
             if reserve + later.min_s <= left:
                 reserve += later.min_s
-        return left - reserve if stage.budget_s is None else min(stage.budget_s, left - reserve)
+        return left - reserve if budget is None else min(budget, left - reserve)
 
     def run(self) -> int:
         self.prepare_output()
