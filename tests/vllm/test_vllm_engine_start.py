@@ -28,7 +28,14 @@ def models(tmp_path_factory):
         "bundle": save(make_bundle(base, ("q_proj", "v_proj"), ["a", "b"]), root / "bundle"),
         "wide_bundle": save(make_bundle(wide, ("q_proj", "v_proj"), ["a"]), root / "wide_bundle"),
         "lm_head_bundle": _lm_head_bundle(base, root / "lm_head_bundle"),
+        "qwen_bundle": _bundle_for_model_type(base, "qwen2", root / "qwen_bundle"),
     }
+
+
+def _bundle_for_model_type(base, model_type, folder):
+    bundle = make_bundle(base, ("q_proj", "v_proj"), ["a"])
+    bundle.config.base_model_type = model_type  # same shapes, another architecture
+    return save(bundle, folder)
 
 
 def _lm_head_bundle(base, folder):
@@ -76,6 +83,14 @@ def _chain(error):
 
 def test_bundle_of_another_model_shape(models):
     _fails(models, {"bundles": [str(models["wide_bundle"])]}, "the bundle was made for another base model")
+
+
+def test_bundle_of_another_model_type(models):
+    _fails(
+        models,
+        {"bundles": [str(models["qwen_bundle"])]},
+        "was made for a 'qwen2' model, but the served model is a 'llama'",
+    )
 
 
 def test_fully_sharded_loras_is_refused(models):
