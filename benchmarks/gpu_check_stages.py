@@ -477,7 +477,8 @@ def tune(args) -> dict[str, Any]:
         winners = [(knob, v) for knob, v in best[shape].items() if v[0] < default_ms[shape]]
         parts = [kwargs for _, (_, _, kwargs) in winners]
         choice = {knob: value for knob, (_, value, _) in winners}
-        ms = record(*shape, "combined", json.dumps(choice), merge_variant(parts)) if parts else default_ms[shape]
+        # Timed even when no knob won (then it is the default again): every shape gets its row.
+        ms = record(*shape, "combined", json.dumps(choice), merge_variant(parts))
         default_again = record(*shape, "default", "again", {})
         out["combined"].append(
             {
