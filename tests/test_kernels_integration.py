@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -23,6 +24,19 @@ REPO = Path(__file__).resolve().parents[1]
 KERNEL_DIR = REPO / "kernels"
 KERNEL_SOURCE = KERNEL_DIR / "torch-ext" / "jdlora_kernels"
 
+
+def _has_kernels_library() -> bool:
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# Hugging Face's `kernels` comes with the test extra; a GPU image may lack it (there the rest of the file still runs).
+needs_kernels_library = pytest.mark.skipif(
+    not _has_kernels_library(), reason="Hugging Face's `kernels` is not installed"
+)
 needs_interpreter = pytest.mark.skipif(
     not jdlora_kernels.INTERPRETED, reason="runs the kernels on CPU tensors, which needs TRITON_INTERPRET=1"
 )
@@ -158,6 +172,37 @@ def test_tiny_llama_through_the_kernels_matches_torch_backend(tmp_path, backend,
     assert (logits[0] - base_logits[0]).abs().max() > 1e-2  # the adapters change the output: not vacuous
 
 
+@pytest.mark.skipif(
+    jdlora_kernels.INTERPRETED or not torch.cuda.is_available(), reason="needs a GPU with the compiled kernels"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_llama_on_cuda_through_the_kernels_matches_torch_backend(tmp_path, backend, kernel_calls, dtype):
+    # The serving path on a GPU: "auto" picks the kernels for CUDA tensors; the torch backend is the reference.
+    clusters = {"v_proj": [1, 0, 1, 0, 1, 1]}
+    bundle = random_bundle(tiny_llama(), num_adapters=6, r=8, num_clusters=2, cluster_pattern=clusters)
+    save_bundle(bundle, tmp_path / "bundle")
+    model = PeftModel.from_pretrained(tiny_llama(dtype=dtype).cuda(), tmp_path / "bundle").eval()
+    input_ids = torch.randint(3, 128, (4, 6), generator=torch.Generator().manual_seed(1)).cuda()
+    adapter_ids = ["task_01", None, 5, "task_03"]
+    with torch.no_grad():
+        backend("torch")
+        expected = model(input_ids=input_ids, adapter_ids=adapter_ids).logits
+        assert not kernel_calls
+        backend("auto")
+        logits = model(input_ids=input_ids, adapter_ids=adapter_ids).logits
+        assert len(kernel_calls) == 4 and all(meta is not None for meta in kernel_calls)
+        tokens = model.generate(input_ids=input_ids, adapter_ids=adapter_ids, max_new_tokens=3, pad_token_id=0)
+        backend("torch")
+        expected_tokens = model.generate(input_ids=input_ids, adapter_ids=adapter_ids, max_new_tokens=3, pad_token_id=0)
+        base_logits = tiny_llama(dtype=dtype).cuda()(input_ids=input_ids).logits
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(logits, expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(logits[1], base_logits[1], atol=0, rtol=0)  # the base row
+    assert (logits[0] - base_logits[0]).abs().max() > 1e-2
+    if dtype == torch.float32:
+        assert torch.equal(tokens, expected_tokens)
+
+
 # ---------------------------------------------------------------------------------------------- packaging
 
 
@@ -176,6 +221,7 @@ def test_kernel_module_stands_alone():
     assert Path(jdlora_kernels.__file__).resolve().parent == KERNEL_SOURCE.resolve()  # the installed module
 
 
+@needs_kernels_library
 def test_build_toml_is_a_valid_noarch_kernel_config():
     from kernels._rust import Backend, Build
 
@@ -193,6 +239,7 @@ def _build_noarch():
 
 
 @needs_interpreter
+@needs_kernels_library
 def test_noarch_build_loads_with_kernels_get_local_kernel(tmp_path):
     from kernels._rust import Digest, DigestAlgorithm, Metadata
 
