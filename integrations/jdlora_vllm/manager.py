@@ -128,6 +128,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         )
         with building(build):
             super()._create_lora_modules()
+        self._jd_layers = frozenset(name for name, module in self.modules.items() if isinstance(module, JDLinearMixin))
         unserved = build.unserved_modules()
         if unserved:
             source, module = unserved[0]
@@ -136,9 +137,6 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
                 f"({len(unserved)} such modules; check --lora-target-modules, and that the bundle was made for this "
                 "model). vLLM wraps: " + ", ".join(sorted(self.modules)[:6]) + (" ..." if len(self.modules) > 6 else "")
             )
-
-    def _jd_layer_names(self) -> set[str]:
-        return {name for name, module in self.modules.items() if isinstance(module, JDLinearMixin)}
 
     # ------------------------------------------------------------------ adapters
 
@@ -153,8 +151,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         dummy = super().create_dummy_lora(lora_id, rank, embedding_modules)
         if not self.serves_bundles:
             return dummy
-        jd_names = self._jd_layer_names()
-        loras = {name: lora for name, lora in dummy.loras.items() if name not in jd_names}
+        loras = {name: lora for name, lora in dummy.loras.items() if name not in self._jd_layers}
         first = self.jd_catalog.bundles[0]
         return BundleAdapter(lora_id, AdapterRef(0, (lora_id - 1) % first.num_adapters), loras=loras)
 
@@ -162,9 +159,9 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         if not self.serves_bundles or lora_id in self._active_adapters:
             return super().activate_adapter(lora_id)
         lora_model = self._registered_adapters.get(lora_id)
-        needs_pool = not isinstance(lora_model, BundleAdapter) and any(
-            name in lora_model.loras for name in self._jd_layer_names()
-        )
+        if lora_model is None:
+            return super().activate_adapter(lora_id)  # vLLM's own error for an adapter it never registered
+        needs_pool = not isinstance(lora_model, BundleAdapter) and not self._jd_layers.isdisjoint(lora_model.loras)
         if needs_pool:
             self.jd_routing.pool.assign(lora_id)  # before vLLM writes the weights: set_lora reads the entry
         try:
