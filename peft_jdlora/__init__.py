@@ -4,7 +4,7 @@
 loads a bundle and `model.generate(..., adapter_ids=[...])` runs a batch in which every row uses its own adapter.
 """
 
-from .batch import AdapterBatch, resolve_adapter_ids
+from .batch import AdapterRouter, CallRouting, TokenSlots, resolve_adapter_ids
 from .bundle import Bundle, ModuleFactors, export_lora, load_bundle, save_bundle
 from .config import FORMAT_VERSION, BundleFormatError, JDLoraConfig
 from .layer import JDLoraLayer, Linear
@@ -19,15 +19,17 @@ register()
 __all__ = [
     "FORMAT_VERSION",
     "JDLORA",
-    "AdapterBatch",
+    "AdapterRouter",
     "Bundle",
     "BundleFormatError",
+    "CallRouting",
     "JDLoraConfig",
     "JDLoraLayer",
     "JDLoraModel",
     "JDLoraPeftType",
     "Linear",
     "ModuleFactors",
+    "TokenSlots",
     "export_lora",
     "load_bundle",
     "register",

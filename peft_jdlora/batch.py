@@ -1,24 +1,35 @@
-"""Which adapter each row of a batch uses: resolving `adapter_ids` and handing per-token slots to the layers.
+"""Which adapter each row of a call uses, and the token slots every JD-LoRA layer of the model reads.
 
-One `AdapterBatch` is shared by all JD-LoRA layers of a model. The model fills it for the duration of a forward or
-generate call; every layer asks it for the slots of its own tokens, which are built once per batch shape and reused by
-all layers (and, on CUDA, the kernel metadata with them).
+From long-lived to per layer:
+
+- `AdapterRouter`: one per model, shared by its JD-LoRA layers. It holds what lasts between calls (the default
+  adapter of each bundle) and, in a context variable, the routing of the call in progress: every thread and asyncio
+  task sees its own call only, so concurrent calls on one model never see each other's adapters.
+- `CallRouting`: one per forward or generate call: the bundle slot of every row [B] (resolved and checked once, at
+  entry), how many rows generate makes of each input row (beams, num_return_sequences), and the token slots built
+  for the call.
+- `TokenSlots`: the slot of every token [T] of one layer-input shape, on the input's device, built by the first layer
+  that sees the shape and reused by the others, with the backend decided once for it and the kernel metadata built on
+  first use, once per cluster table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
 from .config import JDLoraConfig
 
 AdapterId = Union[str, int, None]
 AdapterIds = Union[Sequence[AdapterId], torch.Tensor]
-_MAX_CACHED_SHAPES = 64
+# Arguments of forward / generate whose first dimension is the batch, in the order they are looked for.
+BATCH_INPUTS = ("input_ids", "inputs_embeds", "decoder_input_ids", "input_features", "pixel_values")
 
 
 def resolve_adapter_ids(config: JDLoraConfig, adapter_ids: AdapterIds) -> torch.Tensor:
@@ -53,118 +64,171 @@ def resolve_adapter_ids(config: JDLoraConfig, adapter_ids: AdapterIds) -> torch.
     return torch.tensor(slots, dtype=torch.int64)
 
 
-def check_batch_size(slots: torch.Tensor, batch_size: Optional[int], where: str) -> None:
-    if batch_size is not None and batch_size != slots.numel():
-        raise ValueError(
-            f"adapter_ids has {slots.numel()} entries but {where} has {batch_size} rows: give one adapter id per row."
-        )
+def batch_rows(args: tuple, kwargs: dict[str, Any], positional: str = "input_ids") -> Optional[tuple[str, int]]:
+    """(name, rows) of the first batch input among a call's arguments (the first positional one is `positional`)."""
+    for name in BATCH_INPUTS:
+        value = kwargs.get(name)
+        if value is None and name == BATCH_INPUTS[0] and args and isinstance(args[0], torch.Tensor):
+            name, value = positional, args[0]
+        if isinstance(value, torch.Tensor) and value.dim() > 1:
+            return name, value.shape[0]
+    return None
 
 
-class AdapterBatch:
-    """The adapter slot of every row for the call in progress, per PEFT adapter (bundle) name."""
+@dataclass(frozen=True)
+class ClusterTable:
+    """A layer's cluster of every adapter slot: [N] int64 on the host, and its bytes, the key under which layers with
+    equal tables share one kernel metadata per batch."""
+
+    host: torch.Tensor
+    key: bytes
+
+    @classmethod
+    def of(cls, clusters: Sequence[int]) -> ClusterTable:
+        host = torch.tensor(list(clusters), dtype=torch.int64)
+        return cls(host, host.numpy().tobytes())
+
+
+class TokenSlots:
+    """The slot of every token of one layer-input shape ([T] int64, -1 = base model) on the input's device, the
+    backend the call runs on, and the kernel metadata of each cluster table, built the first time a layer asks."""
+
+    def __init__(self, host_slots: torch.Tensor, device: torch.device, backend: str) -> None:
+        self.host = host_slots  # [T] int64 CPU: the kernel metadata is built from it, with no device read-back
+        self.slots = host_slots if device.type == "cpu" else host_slots.to(device, non_blocking=True)  # [T]
+        self.backend = backend
+        self._metadata: dict[bytes, Any] = {}
+
+    def metadata(self, clusters: ClusterTable) -> Optional[Any]:
+        """Kernel batch metadata for a layer's cluster table; None on the PyTorch backend."""
+        if self.backend != "triton":
+            return None
+        meta = self._metadata.get(clusters.key)
+        if meta is None:
+            meta = self._metadata[clusters.key] = ops.kernel_metadata(self.host, clusters.host, self.slots.device)
+        return meta
+
+
+class CallRouting:
+    """The adapter of every row of one forward or generate call (see the module docstring).
+
+    `row_slots` [B] (int64, CPU, -1 = base) are the call's adapter ids resolved; None means every row uses
+    `default_slot`. Inside generate, `expansion` is the number of rows generate makes of each input row
+    (max(num_beams, num_return_sequences)); transformers orders them so that row j comes from input row j // k.
+    """
+
+    def __init__(
+        self,
+        bundle: str,
+        row_slots: Optional[torch.Tensor],
+        default_slot: int = -1,
+        expansion: Optional[int] = None,
+    ) -> None:
+        self.bundle = bundle
+        self.row_slots = row_slots
+        self.default_slot = default_slot
+        self.expansion = expansion
+        self._token_slots: dict[tuple[int, int, torch.device], Optional[TokenSlots]] = {}
+
+    @property
+    def generating(self) -> bool:
+        return self.expansion is not None
+
+    def for_generation(self, expansion: int) -> CallRouting:
+        """This call's routing inside generate, which runs the model on `expansion` rows per input row."""
+        return CallRouting(self.bundle, self.row_slots, self.default_slot, expansion=max(int(expansion), 1))
+
+    def check_rows(self, rows: int, what: str) -> None:
+        """Refuse an input whose rows are not one per adapter id (or generate's expansion of them)."""
+        if self.row_slots is None:
+            return
+        ids = self.row_slots.numel()
+        if rows == ids or (self.generating and rows == ids * self.expansion):
+            return
+        if what == "the layer input":
+            raise ValueError(
+                f"adapter_ids has {ids} entries but the layer input has {rows} rows: that is not one id per row, and "
+                "not a multiple that generate's num_beams / num_return_sequences made."
+            )
+        raise ValueError(f"adapter_ids has {ids} entries but {what} has {rows} rows: give one adapter id per row.")
+
+    def token_slots(self, x: torch.Tensor, needs_grad: bool) -> Optional[TokenSlots]:
+        """Slots of x's tokens (x: [rows, ..., d_in]), or None when every row uses the base model."""
+        if x.numel() == 0:
+            return None
+        rows = x.shape[0] if x.dim() > 1 else 1
+        tokens_per_row = x.numel() // (x.shape[-1] * rows)
+        key = (rows, tokens_per_row, x.device)
+        if key in self._token_slots:
+            return self._token_slots[key]
+        if self.row_slots is None:
+            slots = None if self.default_slot < 0 else torch.full((rows * tokens_per_row,), self.default_slot)
+        else:
+            self.check_rows(rows, "the layer input")
+            per_row = self.row_slots.repeat_interleave(rows // self.row_slots.numel())  # [rows]
+            slots = None if bool((per_row < 0).all()) else per_row.repeat_interleave(tokens_per_row)  # [T]
+        token_slots = None
+        if slots is not None:
+            token_slots = TokenSlots(slots, x.device, ops.choose_backend(x.device, needs_grad))
+        self._token_slots[key] = token_slots
+        return token_slots
+
+
+class AdapterRouter:
+    """One per model, shared by its JD-LoRA layers: the default adapter of each bundle (lasting state) and the
+    routing of the call in progress, which lives in a context variable and so belongs to the calling thread or task."""
 
     def __init__(self) -> None:
         self.default_slots: dict[str, int] = {}
-        self._row_slots: dict[str, torch.Tensor] = {}
-        self._cache: dict[tuple, Any] = {}
-        # Builds the kernel metadata of a batch from host token slots [T] and a host cluster table [N] for a device;
-        # returns None when that device runs the PyTorch reference. None here disables kernel metadata altogether.
-        self.metadata_builder: Optional[Callable[[torch.Tensor, torch.Tensor, torch.device], Any]] = ops.kernel_metadata
-        # Host copy of each layer's cluster table (read back once per table, not per forward) and an interned id of
-        # its contents: layers with equal tables share one metadata.
-        self._cluster_tables: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._cluster_ids: dict[tuple[int, ...], int] = {}
+        self._call: contextvars.ContextVar[Optional[CallRouting]] = contextvars.ContextVar(
+            "jdlora_call_routing", default=None
+        )
 
-    @property
-    def active(self) -> bool:
-        return bool(self._row_slots)
+    def set_default(self, bundle: str, slot: int) -> None:
+        self.default_slots[bundle] = slot
 
-    def set_rows(self, adapter_name: str, slots: torch.Tensor) -> None:
-        self._row_slots[adapter_name] = slots
-        self._cache.clear()
+    def forget(self, bundle: str) -> None:
+        self.default_slots.pop(bundle, None)
 
-    def set_default(self, adapter_name: str, slot: int) -> None:
-        self.default_slots[adapter_name] = slot
-        self._cache.clear()
+    def current(self) -> Optional[CallRouting]:
+        """The routing of the call in progress in this thread / task, if any."""
+        return self._call.get()
 
-    def clear(self) -> None:
-        self._row_slots.clear()
-        self._cache.clear()
+    @contextlib.contextmanager
+    def routing(self, call: CallRouting) -> Iterator[CallRouting]:
+        """Run the block as `call`: layers reached from it (in this thread or task only) route rows by it."""
+        token = self._call.set(call)
+        try:
+            yield call
+        finally:
+            self._call.reset(token)
 
-    def has_rows(self, adapter_name: str) -> bool:
-        return adapter_name in self._row_slots
-
-    def token_slots(self, adapter_name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Slot of each token of x ([rows, ..., d_in]) flattened to [T], on x's device; None if all rows are base.
-
-        When generation expands the batch (beam search, num_return_sequences), x has k·B rows for B ids: row j uses
-        the id of row j // k, which is how transformers orders expanded rows.
-        """
-        rows = x.shape[0] if x.dim() > 1 else 1
-        tokens_per_row = x.numel() // (x.shape[-1] * rows)
-        key = (adapter_name, rows, tokens_per_row, x.device)
-        if key in self._cache:
-            return self._cache[key]
-        if len(self._cache) > _MAX_CACHED_SHAPES:  # many shapes without a call context (plain forwards)
-            self._cache.clear()
-        row_slots = self._row_slots.get(adapter_name)
-        if row_slots is None:
-            slot = self.default_slots.get(adapter_name, -1)
-            token_slots = None if slot < 0 else torch.full((rows * tokens_per_row,), slot, dtype=torch.int64)
-        else:
-            if rows % row_slots.numel():
-                raise ValueError(
-                    f"adapter_ids has {row_slots.numel()} entries but the layer input has {rows} rows, which is not "
-                    "a multiple: give one adapter id per row of the batch."
-                )
-            expanded = row_slots.repeat_interleave(rows // row_slots.numel())
-            token_slots = None if bool((expanded < 0).all()) else expanded.repeat_interleave(tokens_per_row)
-        if token_slots is not None:
-            host_slots = token_slots
-            token_slots = token_slots.to(x.device, non_blocking=True)
-            # The kernel metadata is built from the host copy: no read-back from the device.
-            self._cache[("host", id(token_slots))] = (token_slots, host_slots)
-        self._cache[key] = token_slots
-        return token_slots
-
-    def metadata(self, adapter_name: str, token_slots: torch.Tensor, adapter_cluster: torch.Tensor) -> Any:
-        """Kernel metadata for `token_slots` (as `token_slots()` returned them) and a layer's cluster table [N],
-        built on the host once per batch shape and cluster table, and shared by all layers; None on the PyTorch path.
-
-        Each layer's answer (None included) is memoised under its own tensors, so after the first layer of a batch
-        a layer pays one dict lookup here.
-        """
-        if self.metadata_builder is None:
-            return None
-        layer_key = ("layer-meta", adapter_name, id(token_slots), id(adapter_cluster))
-        memo = self._cache.get(layer_key)
-        if memo is not None and memo[0] is token_slots and memo[1] is adapter_cluster:
-            return memo[2]
-        host = self._cache.get(("host", id(token_slots)))
-        host_slots = host[1] if host is not None and host[0] is token_slots else token_slots.cpu()
-        clusters, cluster_id = self._cluster_table(adapter_cluster)
-        shared_key = ("meta", adapter_name, id(token_slots), cluster_id)
-        entry = self._cache.get(shared_key)
-        if entry is None or entry[0] is not token_slots:
-            entry = (token_slots, self.metadata_builder(host_slots, clusters, token_slots.device))
-            self._cache[shared_key] = entry
-        self._cache[layer_key] = (token_slots, adapter_cluster, entry[1])
-        return entry[1]
+    def token_slots(self, bundle: str, x: torch.Tensor, needs_grad: bool) -> Optional[TokenSlots]:
+        """Token slots of a layer input for `bundle`: from the call in progress, else from the bundle's default
+        adapter (built for this layer alone: a direct call of the model outside any entry point)."""
+        call = self._call.get()
+        if call is None or call.bundle != bundle:
+            slot = self.default_slots.get(bundle, -1)
+            if slot < 0:
+                return None
+            call = CallRouting(bundle, None, slot)
+        return call.token_slots(x, needs_grad)
 
     def __getstate__(self) -> dict[str, Any]:
-        # The caches hold per-call tensors and weak references (not picklable): a copy starts without them.
-        state = self.__dict__.copy()
-        state["_cache"], state["_cluster_tables"] = {}, None
-        return state
+        # A context variable cannot be pickled or copied; a copy starts with no call in progress.
+        return {"default_slots": dict(self.default_slots)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._cluster_tables = WeakIdKeyDictionary()
+        self.__init__()
+        self.default_slots.update(state["default_slots"])
 
-    def _cluster_table(self, adapter_cluster: torch.Tensor) -> tuple[torch.Tensor, int]:
-        entry = self._cluster_tables.get(adapter_cluster)
-        if entry is None:
-            host = adapter_cluster.detach().to("cpu", torch.int64)
-            cluster_id = self._cluster_ids.setdefault(tuple(host.tolist()), len(self._cluster_ids))
-            entry = self._cluster_tables[adapter_cluster] = (host, cluster_id)
-        return entry
+
+def check_call_rows(router: AdapterRouter, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of the model holding the layers: refuse, before anything runs, an input whose rows do not
+    match the call's adapter ids. Installed once per model; a no-op outside calls with adapter ids."""
+    call = router.current()
+    if call is None or call.row_slots is None:
+        return
+    found = batch_rows(args, kwargs)
+    if found is not None:
+        call.check_rows(found[1], found[0])

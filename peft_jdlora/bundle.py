@@ -24,16 +24,91 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import BundleFormatError, JDLoraConfig
+from .config import BundleFormatError, JDLoraConfig, model_type_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # what PEFT's save_pretrained(safe_serialization=False) writes
 REPORT_NAME = "jdlora_report.json"
 KEY_PREFIX = "base_model.model."
 FACTOR_NAMES = ("jd_U", "jd_V", "jd_sigma")
+# safetensors dtype names of the floating-point dtypes a bundle may store.
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+_DTYPE_NAMES = {dtype: name for name, dtype in FLOAT_DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype ("F32", ...), or its torch name for dtypes a bundle never holds."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def check_entries(
+    config: JDLoraConfig, entries: dict[str, tuple[str, tuple[int, ...]]], where: str
+) -> dict[str, tuple[int, int]]:
+    """Check a bundle's tensors, given as {key: (dtype name, shape)}, against its config, before any value is read.
+
+    Refuses tensors other than jd_U / jd_V / jd_sigma, non-float dtypes, tensors for modules `target_modules` does
+    not name, modules lacking a factor, and shapes other than the config implies (so a config that lies about its
+    rank or counts is caught here, by shapes alone). Returns {module: (d_out, d_in)}.
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    grouped: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, (dtype, shape) in entries.items():
+        module, _, name = key.removeprefix(KEY_PREFIX).rpartition(".")
+        if not key.startswith(KEY_PREFIX) or name not in FACTOR_NAMES or not module:
+            raise BundleFormatError(
+                f"{where}: unexpected tensor {key!r} (a JD-LoRA bundle holds {KEY_PREFIX}<module>.{{jd_U, jd_V, "
+                "jd_sigma}} only)."
+            )
+        if dtype not in FLOAT_DTYPES:
+            raise BundleFormatError(
+                f"{where}: tensor {key!r} has dtype {dtype}; bundle tensors are floating point "
+                f"({', '.join(FLOAT_DTYPES)})."
+            )
+        if config.target_modules is not None and not check_target_module_exists(config, module):
+            raise BundleFormatError(
+                f"{where}: tensor {key!r} is for module {module!r}, which the config's target_modules does not name."
+            )
+        grouped.setdefault(module, {})[name] = tuple(shape)
+    if not grouped:
+        raise BundleFormatError(f"{where}: the bundle holds no tensors.")
+    dims = {}
+    for module, parts in sorted(grouped.items()):
+        missing = [n for n in FACTOR_NAMES if n not in parts]
+        if missing:
+            raise BundleFormatError(
+                f"{where}: module {module!r} lacks tensors {missing} (no {KEY_PREFIX}{module}.{missing[0]}): the "
+                "weights do not match the config."
+            )
+        if len(parts["jd_U"]) != 3 or len(parts["jd_V"]) != 3:
+            raise BundleFormatError(
+                f"{where}: module {module!r}: jd_U {parts['jd_U']} and jd_V {parts['jd_V']} must be 3-D "
+                "([C, d_out, r] and [C, r, d_in])."
+            )
+        d_out, d_in = parts["jd_U"][1], parts["jd_V"][2]
+        expected = config.factor_shapes(module, d_out, d_in)
+        for name in FACTOR_NAMES:
+            if parts[name] != expected[name]:
+                raise BundleFormatError(
+                    f"{where}: tensor {KEY_PREFIX}{module}.{name} has shape {parts[name]}, the config implies "
+                    f"{expected[name]} (rank {config.rank_for(module)}, {config.num_clusters_for(module)} clusters, "
+                    f"{config.num_adapters} adapters, sigma_type {config.sigma_for(module)})."
+                )
+        dims[module] = (d_out, d_in)
+    return dims
+
+
+def weights_header(weights_file: Union[str, os.PathLike]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{key: (dtype name, shape)} of a safetensors file, from its header alone (no tensor is read)."""
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise BundleFormatError(f"{weights_file} cannot be read: {err}") from None
 
 
 @dataclass
@@ -65,29 +140,19 @@ class Bundle:
     extra_files: dict[str, str] = field(default_factory=dict)  # file name -> text (e.g. README.md)
 
     def validate(self) -> None:
-        """Check that every module's tensors agree with the config; raise `BundleFormatError` naming the module."""
+        """Check the tensors against the config (names, float dtypes, shapes, targets) and that every value is
+        finite; raise `BundleFormatError` naming the tensor or field at fault."""
         self.config.validate()
-        if not self.modules:
-            raise BundleFormatError("the bundle has no modules.")
-        n = self.config.num_adapters
+        entries = {
+            f"{KEY_PREFIX}{module}.{name}": (dtype_name(tensor.dtype), tuple(tensor.shape))
+            for module, f in self.modules.items()
+            for name, tensor in zip(FACTOR_NAMES, (f.U, f.V, f.sigma))
+        }
+        check_entries(self.config, entries, "the bundle")
         for module, f in self.modules.items():
-            r = self.config.rank_for(module)
-            c = self.config.num_clusters_for(module)
-            sigma_type = self.config.sigma_for(module)
-            d_out, d_in = f.U.shape[1], f.V.shape[2]
-            expected = {
-                "jd_U": (c, d_out, r),
-                "jd_V": (c, r, d_in),
-                "jd_sigma": (n, r, r) if sigma_type == "full" else (n, r),
-            }
             for name, tensor in zip(FACTOR_NAMES, (f.U, f.V, f.sigma)):
-                if tuple(tensor.shape) != expected[name]:
-                    raise BundleFormatError(
-                        f"module {module!r}: {name} has shape {tuple(tensor.shape)}, the config implies "
-                        f"{expected[name]} (rank {r}, {c} clusters, {n} adapters, sigma_type {sigma_type})."
-                    )
                 if not torch.isfinite(tensor).all():
-                    raise BundleFormatError(f"module {module!r}: {name} holds NaN or inf values.")
+                    raise BundleFormatError(f"tensor {KEY_PREFIX}{module}.{name!s} holds NaN or inf values.")
 
     def cluster_of(self, module: str, slot: int) -> int:
         return self.config.clusters_for(module)[slot]
@@ -136,6 +201,8 @@ def write_bundle_files(bundle: Bundle, folder: Union[str, os.PathLike]) -> None:
     """Write the bundle's files into an existing folder (no atomicity: see `save_bundle`)."""
     folder = Path(folder)
     bundle.validate()
+    if bundle.config.base_model_type is None:  # record what the bundle is for, where the base model can be found
+        bundle.config.base_model_type = model_type_of(bundle.config.base_model_name_or_path)
     save_file(bundle.state_dict(), folder / WEIGHTS_NAME, metadata={"format": "pt"})
     bundle.config.save_pretrained(str(folder))
     if bundle.report is not None:
@@ -173,8 +240,10 @@ def read_config(folder: Path) -> JDLoraConfig:
         raise BundleFormatError(f"{folder} holds no {CONFIG_NAME}: not a PEFT adapter folder.")
     try:
         data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleFormatError(f"{config_file} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise BundleFormatError(f"{config_file} holds a JSON {type(data).__name__}, not an object of config fields.")
     if data.get("peft_type") != "JDLORA":
         raise BundleFormatError(
             f"{config_file} has peft_type {data.get('peft_type')!r}, not 'JDLORA': not a JD-LoRA bundle."
@@ -182,19 +251,76 @@ def read_config(folder: Path) -> JDLoraConfig:
     known = set(JDLoraConfig.__dataclass_fields__)
     try:
         return JDLoraConfig(**{k: v for k, v in data.items() if k in known})
-    except BundleFormatError as err:
+    except ValueError as err:  # BundleFormatError, or PEFT's own check of task_type
         raise BundleFormatError(f"{config_file}: {err}") from None
 
 
+def _pickled_weights_header(weights_file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{key: (dtype name, shape)} of a PEFT `adapter_model.bin`, read as PEFT reads it (`weights_only=True`: tensors
+    only, no code) and memory-mapped, so that no value is read here."""
+    try:
+        tensors = torch.load(weights_file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # weights_only refuses anything but tensors and containers: report what it says
+        raise BundleFormatError(f"{weights_file} cannot be read as tensors: {err}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise BundleFormatError(f"{weights_file} does not hold a mapping of names to tensors.")
+    return {k: (dtype_name(t.dtype), tuple(t.shape)) for k, t in tensors.items()}
+
+
+def locate_weights(
+    path_or_repo: Union[str, os.PathLike], subfolder: Optional[str] = None, hub_kwargs: Optional[dict[str, Any]] = None
+) -> Path:
+    """The weights file beside a bundle's config (a local folder, or the Hub repo the config came from), looked for
+    as PEFT does: adapter_model.safetensors, else adapter_model.bin."""
+    folder = Path(path_or_repo, subfolder) if subfolder else Path(path_or_repo)
+    if folder.is_dir():
+        for name in (WEIGHTS_NAME, PICKLED_WEIGHTS_NAME):
+            if (folder / name).is_file():
+                return folder / name
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+        for name in (WEIGHTS_NAME, PICKLED_WEIGHTS_NAME):
+            try:
+                return Path(hf_hub_download(str(path_or_repo), name, subfolder=subfolder, **(hub_kwargs or {})))
+            except LocalEntryNotFoundError:
+                raise
+            except EntryNotFoundError:
+                continue
+    raise BundleFormatError(f"{folder} holds {CONFIG_NAME} but no {WEIGHTS_NAME}: the bundle's weights are missing.")
+
+
+def read_weights_header(weights_file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    if weights_file.name == PICKLED_WEIGHTS_NAME:
+        return _pickled_weights_header(weights_file)
+    return weights_header(weights_file)
+
+
+def check_weights_header_of(
+    config: JDLoraConfig,
+    path_or_repo: Union[str, os.PathLike],
+    subfolder: Optional[str] = None,
+    hub_kwargs: Optional[dict[str, Any]] = None,
+) -> dict[str, tuple[int, int]]:
+    """Check the names, dtypes and shapes of a bundle's weights against its config (`check_entries`) without
+    reading any value; returns {module: (d_out, d_in)}."""
+    weights_file = locate_weights(path_or_repo, subfolder, hub_kwargs)
+    return check_entries(config, read_weights_header(weights_file), str(weights_file))
+
+
 def load_bundle(path_or_repo: Union[str, os.PathLike], revision: Optional[str] = None) -> Bundle:
-    """Read a bundle from a local folder or a Hub repo (at `revision`) and check it against its config."""
+    """Read a bundle from a local folder or a Hub repo (at `revision`) and check it against its config: the header
+    first (names, dtypes, shapes, targets), then the values (finite)."""
     folder = _resolve_folder(path_or_repo, revision)
     config = read_config(folder)
-    weights_file = folder / WEIGHTS_NAME
-    if not weights_file.is_file():
-        raise BundleFormatError(f"{folder} holds no {WEIGHTS_NAME}.")
+    weights_file = locate_weights(folder)
+    check_entries(config, read_weights_header(weights_file), str(weights_file))
     try:
-        tensors = load_file(str(weights_file))
+        if weights_file.name == PICKLED_WEIGHTS_NAME:
+            tensors = torch.load(weights_file, map_location="cpu", weights_only=True)
+        else:
+            tensors = load_file(str(weights_file))
     except (SafetensorError, OSError) as err:
         raise BundleFormatError(f"{weights_file} cannot be read: {err}") from None
     modules = _modules_from_state_dict(tensors, str(weights_file))
@@ -209,19 +335,12 @@ def load_bundle(path_or_repo: Union[str, os.PathLike], revision: Optional[str] =
 
 
 def _modules_from_state_dict(tensors: dict[str, torch.Tensor], where: str) -> dict[str, ModuleFactors]:
+    """Group checked tensors (see `check_entries`) by module."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module, _, name = key.removeprefix(KEY_PREFIX).rpartition(".")
-        if name not in FACTOR_NAMES:
-            raise BundleFormatError(f"{where}: unexpected tensor {key!r} (a JD-LoRA bundle holds {FACTOR_NAMES}).")
         grouped.setdefault(module, {})[name] = tensor
-    modules = {}
-    for module, parts in sorted(grouped.items()):
-        missing = [n for n in FACTOR_NAMES if n not in parts]
-        if missing:
-            raise BundleFormatError(f"{where}: module {module!r} lacks tensors {missing}.")
-        modules[module] = ModuleFactors(parts["jd_U"], parts["jd_V"], parts["jd_sigma"])
-    return modules
+    return {m: ModuleFactors(p["jd_U"], p["jd_V"], p["jd_sigma"]) for m, p in sorted(grouped.items())}
 
 
 def bundle_from_model(model: Any, bundle_name: str = "default") -> Bundle:

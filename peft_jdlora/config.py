@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from peft.config import PeftConfig
@@ -11,10 +14,56 @@ from .peft_type import JDLORA
 
 FORMAT_VERSION = 1
 SIGMA_TYPES = ("full", "diag")
+# PEFT's model classes for these task types train and save a new head (`modules_to_save`): a bundle has no place
+# for one shared by all its adapters, and the rows of a mixed batch would all go through it, base rows included.
+REFUSED_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 
 class BundleFormatError(ValueError):
     """A bundle's config or tensors do not describe a valid JD-LoRA bundle."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(v) for v in value)
+
+
+# field -> (check, what it must be): every field is checked before its value is used.
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "target_modules": (lambda v: v is None or isinstance(v, str) or _is_str_list(v), "a list of strings or a regex"),
+    "r": (_is_int, "an integer"),
+    "rank_pattern": (
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_int(r) for k, r in v.items()),
+        "a mapping {module: rank} of integers",
+    ),
+    "sigma_type": (lambda v: isinstance(v, str), "a string"),
+    "sigma_pattern": (
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, str) for k, t in v.items()),
+        "a mapping {module: 'full' | 'diag'}",
+    ),
+    "num_clusters": (_is_int, "an integer"),
+    "adapter_names": (_is_str_list, "a list of strings"),
+    "adapter_clusters": (lambda v: v is None or _is_int_list(v), "a list of integers or null"),
+    "cluster_pattern": (
+        lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_int_list(a) for k, a in v.items()),
+        "a mapping {module: [cluster of each adapter]}",
+    ),
+    "adapter_sources": (lambda v: isinstance(v, list) and all(isinstance(s, dict) for s in v), "a list of objects"),
+    "default_adapter": (lambda v: v is None or isinstance(v, str) or _is_int(v), "an adapter name, index or null"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "layers_to_transform": (lambda v: v is None or _is_int(v) or _is_int_list(v), "an integer or list of integers"),
+    "layers_pattern": (lambda v: v is None or isinstance(v, str) or _is_str_list(v), "a string or list of strings"),
+    "init_weights": (lambda v: isinstance(v, bool) or v == "zeros", "true, false or 'zeros'"),
+    "base_model_type": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "a string or null"),
+}
 
 
 @dataclass
@@ -28,7 +77,8 @@ class JDLoraConfig(PeftConfig):
 
     Args:
         target_modules: module names (or suffixes, or a regex) the bundle patches, as in `LoraConfig`.
-        r: rank of the shared basis for modules not listed in `rank_pattern`.
+        r: rank of the shared basis for modules not listed in `rank_pattern` (any r works, as in LoRA: a rank above
+            a layer's dimension gives a basis with orthonormal rows instead of columns).
         rank_pattern: per-module rank overrides, `{module_name: r}`; keys are full module names or suffixes.
         sigma_type: `"full"` (Σ_i is r×r) or `"diag"` (Σ_i is a vector of r numbers).
         sigma_pattern: per-module Σ type overrides, `{module_name: "full" | "diag"}` (budget plans mix them: a
@@ -40,7 +90,11 @@ class JDLoraConfig(PeftConfig):
         adapter_sources: provenance of each source adapter (`{"source": path or Hub id, "revision": sha, ...}`).
         default_adapter: adapter (name or index) used for rows without an explicit id; None means the base model.
         fan_in_fan_out: True if the patched layers store weights as (fan_in, fan_out), like GPT-2's `Conv1D`.
-        init_weights: initialise fresh factors with a random orthonormal basis (True) or zeros (False); Σ starts at 0.
+        init_weights: how fresh factors start, as in PEFT: True, a random orthonormal basis with Σ = 0 (the model
+            is unchanged until Σ is trained); False, a random basis and a random Σ (a non-identity adapter, for
+            tests); "zeros", all zeros (what loading a bundle uses, since the values are replaced right after).
+        base_model_type: `model_type` of the base model's config (e.g. "llama"), checked when the bundle is loaded
+            onto a model; recorded when a bundle is written or created on a model. None (older bundles): not checked.
         format_version: bundle format version; checked when the bundle is loaded.
     """
 
@@ -87,12 +141,16 @@ class JDLoraConfig(PeftConfig):
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Name of the layer list used with layers_to_transform, as in LoraConfig."}
     )
-    init_weights: bool = field(
+    init_weights: Union[bool, Literal["zeros"]] = field(
         default=True,
         metadata={
-            "help": "Start new factors from a random orthonormal basis and Σ = 0 (the model is unchanged until Σ is "
-            "trained); False starts from zeros, which is faster when the values are loaded right after."
+            "help": "True: a random orthonormal basis and Σ = 0 (the model is unchanged until Σ is trained); False: "
+            "a random basis and random Σ (a non-identity adapter, as PEFT's init_weights=False); 'zeros': all zeros."
         },
+    )
+    base_model_type: Optional[str] = field(
+        default=None,
+        metadata={"help": "model_type of the base model the bundle was made for (e.g. 'llama'); checked on load."},
     )
     format_version: int = field(
         default=FORMAT_VERSION, metadata={"help": "Bundle format version, checked when a bundle is loaded."}
@@ -101,9 +159,32 @@ class JDLoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = JDLORA
-        if isinstance(self.target_modules, (list, tuple, set)):
-            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = list(self.target_modules)
         self.validate()
+        if isinstance(self.target_modules, list):
+            self.target_modules = sorted(self.target_modules)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: Union[str, os.PathLike], subfolder: Optional[str] = None, **kwargs: Any
+    ) -> PeftConfig:
+        """Load a bundle's config (a folder or a Hub repo) and check it against the header of its weights file
+        before anything is allocated: a config that lies about ranks, counts, dtypes or modules is refused here."""
+        from .bundle import check_weights_header_of
+
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except BundleFormatError as err:
+            where = Path(pretrained_model_name_or_path, subfolder or "", "adapter_config.json")
+            raise BundleFormatError(f"{where}: {err}") from None
+        if isinstance(config, JDLoraConfig):
+            hub_kwargs = cls._split_kwargs(kwargs)[0]
+            # Runtime only (not a field, never saved): the tuner checks the base model against it before allocating.
+            config._checked_shapes = check_weights_header_of(
+                config, pretrained_model_name_or_path, subfolder, hub_kwargs
+            )
+        return config
 
     @property
     def num_adapters(self) -> int:
@@ -111,10 +192,26 @@ class JDLoraConfig(PeftConfig):
 
     def validate(self) -> None:
         """Raise `BundleFormatError` naming the field at fault if the config cannot describe a bundle."""
+        if not _is_int(self.format_version):
+            raise BundleFormatError(
+                f"format_version must be an integer (this peft-jdlora reads bundle format {FORMAT_VERSION}), got "
+                f"{type(self.format_version).__name__} {self.format_version!r}."
+            )
         if self.format_version != FORMAT_VERSION:
             raise BundleFormatError(
                 f"JD-LoRA bundle format version {self.format_version} is not supported by this peft-jdlora "
                 f"(it reads version {FORMAT_VERSION}); upgrade peft-jdlora or re-convert the bundle."
+            )
+        for name, (check, expected) in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not check(value):
+                raise BundleFormatError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.200}.")
+        task_type = getattr(self.task_type, "value", self.task_type)
+        if task_type in REFUSED_TASK_TYPES:
+            raise BundleFormatError(
+                f"task_type {task_type!r} is not supported by JD-LoRA: PEFT trains and saves a new head for it "
+                "(modules_to_save), and a bundle serves its adapters through the patched Linear layers only. Use "
+                "task_type 'CAUSAL_LM', 'SEQ_2_SEQ_LM', 'FEATURE_EXTRACTION' or None with the model's own head."
             )
         if self.sigma_type not in SIGMA_TYPES:
             raise BundleFormatError(f"sigma_type must be one of {SIGMA_TYPES}, got {self.sigma_type!r}.")
@@ -128,9 +225,8 @@ class JDLoraConfig(PeftConfig):
         if len(set(self.adapter_names)) != len(self.adapter_names):
             dupes = sorted({n for n in self.adapter_names if self.adapter_names.count(n) > 1})
             raise BundleFormatError(f"adapter_names must be unique; repeated: {dupes}.")
-        for name in self.adapter_names:
-            if not isinstance(name, str) or not name:
-                raise BundleFormatError(f"adapter names must be non-empty strings, got {name!r}.")
+        if any(not name for name in self.adapter_names):
+            raise BundleFormatError("adapter_names must be non-empty strings, got an empty name.")
         self._check_assignment("adapter_clusters", self.adapter_clusters, self.num_clusters)
         for module, assignment in self.cluster_pattern.items():
             self._check_assignment(f"cluster_pattern[{module!r}]", assignment, None)
@@ -138,15 +234,18 @@ class JDLoraConfig(PeftConfig):
             raise BundleFormatError(
                 f"adapter_sources has {len(self.adapter_sources)} entries for {self.num_adapters} adapters."
             )
-        if self.default_adapter is not None and self.num_adapters:
-            self.resolve_adapter(self.default_adapter)
+        if self.default_adapter is not None:
+            try:
+                self.resolve_adapter(self.default_adapter)
+            except (KeyError, IndexError) as err:
+                raise BundleFormatError(f"default_adapter names no adapter of the bundle: {err.args[0]}") from None
 
     def _check_assignment(self, what: str, assignment: Optional[list[int]], num_clusters: Optional[int]) -> None:
         if assignment is None:
             return
         if len(assignment) != self.num_adapters:
             raise BundleFormatError(f"{what} has {len(assignment)} entries for {self.num_adapters} adapters.")
-        bad = [c for c in assignment if not isinstance(c, int) or c < 0 or (num_clusters and c >= num_clusters)]
+        bad = [c for c in assignment if c < 0 or (num_clusters and c >= num_clusters)]
         if bad:
             raise BundleFormatError(f"{what} holds invalid cluster ids {bad[:5]} (num_clusters={num_clusters}).")
 
@@ -200,7 +299,37 @@ class JDLoraConfig(PeftConfig):
             return self.num_clusters
         return max(self.clusters_for(module_name), default=-1) + 1
 
+    def factor_shapes(self, module_name: str, d_out: int, d_in: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the module's tensors ({"jd_U", "jd_V", "jd_sigma"}) that the config implies for a d_out×d_in
+        layer: U [C, d_out, r], V [C, r, d_in], Σ [N, r, r] or [N, r]."""
+        r, c, n = self.rank_for(module_name), self.num_clusters_for(module_name), self.num_adapters
+        sigma = (n, r, r) if self.sigma_for(module_name) == "full" else (n, r)
+        return {"jd_U": (c, d_out, r), "jd_V": (c, r, d_in), "jd_sigma": sigma}
+
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         data["peft_type"] = str(JDLORA.value)
         return data
+
+
+def model_type_of(name_or_path: Union[str, os.PathLike, None]) -> Optional[str]:
+    """`model_type` in a base model's config.json: a local folder, or a Hub id already in the local Hugging Face
+    cache (never downloads). None when it cannot be found."""
+    if not name_or_path:
+        return None
+    config_file: Optional[Path] = Path(name_or_path) / "config.json"
+    if not config_file.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(name_or_path), "config.json")
+        except Exception:  # not a valid repo id, unreadable cache: nothing to record
+            cached = None
+        config_file = Path(cached) if isinstance(cached, str) else None
+    if config_file is None:
+        return None
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model_type if isinstance(model_type, str) else None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -10,7 +10,17 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 
 from . import ops
-from .batch import AdapterBatch
+from .batch import AdapterRouter, ClusterTable
+
+InitWeights = Union[bool, str]
+
+
+def random_basis(num_clusters: int, rows: int, rank: int) -> torch.Tensor:
+    """[C, rows, rank] random bases with orthonormal columns, or orthonormal rows when rank > rows (any rank works, as
+    in LoRA: the stored shape never depends on how the basis was made). One batched QR for all clusters."""
+    if rank <= rows:
+        return torch.linalg.qr(torch.randn(num_clusters, rows, rank))[0]
+    return torch.linalg.qr(torch.randn(num_clusters, rank, rows))[0].transpose(1, 2)
 
 
 class JDLoraLayer(BaseTunerLayer):
@@ -19,13 +29,14 @@ class JDLoraLayer(BaseTunerLayer):
     jd_U:       [C, d_out, r]   shared output basis of each cluster
     jd_V:       [C, r, d_in]    shared input basis of each cluster (stored transposed, like lora_A)
     jd_sigma:   [N, r, r] or [N, r]   each adapter's core (full or diagonal), LoRA scaling included
-    jd_cluster: [N] int64       cluster of each adapter at this module (from the config, not saved)
+    jd_cluster: [N] int64       cluster of each adapter at this module (from the config, not saved), with its host
+                                copy in `jd_cluster_table` (the kernel metadata is built from it)
     """
 
     adapter_layer_names = ("jd_U", "jd_V", "jd_sigma")
-    other_param_names = ("jd_cluster", "r", "sigma_type")
+    other_param_names = ("jd_cluster", "jd_cluster_table", "r", "sigma_type")
 
-    def __init__(self, base_layer: nn.Module, batch: Optional[AdapterBatch] = None, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, router: Optional[AdapterRouter] = None, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
         self.sigma_type: dict[str, str] = {}
@@ -33,7 +44,8 @@ class JDLoraLayer(BaseTunerLayer):
         self.jd_V = nn.ParameterDict({})
         self.jd_sigma = nn.ParameterDict({})
         self.jd_cluster = BufferDict({}, persistent=False)
-        self.jd_batch = batch if batch is not None else AdapterBatch()
+        self.jd_cluster_table: dict[str, ClusterTable] = {}
+        self.jd_router = router if router is not None else AdapterRouter()
         self.merged_slots: dict[str, int] = {}
         self._disable_adapters = False
         self.merged_adapters = []
@@ -50,36 +62,36 @@ class JDLoraLayer(BaseTunerLayer):
         sigma_type: str,
         adapter_cluster: list[int],
         num_clusters: int,
-        init_weights: bool = True,
+        init_weights: InitWeights = True,
     ) -> None:
-        """Create the factors of `adapter_name` (their values are replaced when a bundle is loaded).
-
-        Fresh factors start with an orthonormal random basis and Σ = 0, so a new bundle leaves the model unchanged
-        until Σ is trained or set (like LoRA's B = 0).
-        """
+        """Create the factors of `adapter_name`, initialised as `JDLoraConfig.init_weights` says: True, a random
+        orthonormal basis and Σ = 0 (the model is unchanged until Σ is trained, like LoRA's B = 0); False, a random
+        basis and a random Σ (a non-identity adapter); "zeros", zeros (values about to be loaded)."""
         num_adapters = len(adapter_cluster)
         if num_adapters == 0:
             raise ValueError(f"bundle {adapter_name!r} has no adapters: JDLoraConfig.adapter_names is empty.")
         self.r[adapter_name] = r
         self.sigma_type[adapter_name] = sigma_type
-        if init_weights:  # one batched QR for all clusters: a bundle of singleton clusters has thousands
-            U = torch.linalg.qr(torch.randn(num_clusters, self.out_features, r))[0]  # [C, d_out, r]
-            V = torch.linalg.qr(torch.randn(num_clusters, self.in_features, r))[0].transpose(1, 2)  # [C, r, d_in]
-        else:
+        sigma_shape = (num_adapters, r, r) if sigma_type == "full" else (num_adapters, r)
+        if init_weights == "zeros":
             U = torch.zeros(num_clusters, self.out_features, r)
             V = torch.zeros(num_clusters, r, self.in_features)
-        sigma_shape = (num_adapters, r, r) if sigma_type == "full" else (num_adapters, r)
-        self.jd_U[adapter_name] = nn.Parameter(U)
+            sigma = torch.zeros(sigma_shape)
+        else:
+            U = random_basis(num_clusters, self.out_features, r)  # [C, d_out, r]
+            V = random_basis(num_clusters, self.in_features, r).transpose(1, 2)  # [C, r, d_in]
+            # Random Σ with singular values of order 1 (U and V are orthonormal): visibly not the identity.
+            sigma = torch.zeros(sigma_shape) if init_weights else torch.randn(sigma_shape) / r**0.5
+        self.jd_U[adapter_name] = nn.Parameter(U.contiguous())
         self.jd_V[adapter_name] = nn.Parameter(V.contiguous())
-        self.jd_sigma[adapter_name] = nn.Parameter(torch.zeros(sigma_shape))
+        self.jd_sigma[adapter_name] = nn.Parameter(sigma)
         self.jd_cluster[adapter_name] = torch.tensor(adapter_cluster, dtype=torch.int64)
+        self.jd_cluster_table[adapter_name] = ClusterTable.of(adapter_cluster)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters)
 
-    def _factors(self, adapter_name: str, dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, ...]:
+    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         U, V, sigma = self.jd_U[adapter_name], self.jd_V[adapter_name], self.jd_sigma[adapter_name]
-        if dtype is not None:
-            U, V, sigma = U.to(dtype), V.to(dtype), sigma.to(dtype)
         return U, V, sigma, self.jd_cluster[adapter_name].to(U.device)
 
     def get_delta_weight(self, adapter_name: str, slot: int) -> torch.Tensor:
@@ -107,38 +119,42 @@ class Linear(nn.Module, JDLoraLayer):
         sigma_type: str,
         adapter_cluster: list[int],
         num_clusters: int,
-        batch: AdapterBatch,
+        router: AdapterRouter,
         fan_in_fan_out: bool = False,
-        init_weights: bool = True,
+        init_weights: InitWeights = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        JDLoraLayer.__init__(self, base_layer, batch=batch, fan_in_fan_out=fan_in_fan_out, **kwargs)
+        JDLoraLayer.__init__(self, base_layer, router=router, fan_in_fan_out=fan_in_fan_out, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, sigma_type, adapter_cluster, num_clusters, init_weights=init_weights)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the bundle's default adapter (see `JDLoraModel.set_default_adapter`) into the base weight."""
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None, slot: Optional[int] = None):
+        """Add one adapter of each bundle into the base weight: adapter `slot`, or the bundle's default adapter
+        (`JDLoraModel.merge_adapter(adapter=...)` passes the slot; PEFT's generic calls use the default)."""
         for adapter_name in check_adapters_to_merge(self, adapter_names):
             if adapter_name not in self.jd_U:
                 continue
-            slot = self.jd_batch.default_slots.get(adapter_name, -1)
-            if slot < 0:
+            merge_slot = self.jd_router.default_slots.get(adapter_name, -1) if slot is None else slot
+            if merge_slot < 0:
                 raise ValueError(
                     f"bundle {adapter_name!r} has no adapter selected to merge: pass one with "
                     "merge_and_unload(adapter=...) / merge_adapter(adapter=...), or call set_default_adapter first."
                 )
             base_layer = self.get_base_layer()
-            delta = self.get_delta_weight(adapter_name, slot)
+            delta = self.get_delta_weight(adapter_name, merge_slot)
             if safe_merge:
                 merged = base_layer.weight.data + delta
                 if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs or infs in the merged weights of bundle {adapter_name!r}, adapter {slot}.")
+                    raise ValueError(
+                        f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken "
+                        f"(adapter {merge_slot} of the bundle)."
+                    )
                 base_layer.weight.data = merged
             else:
                 base_layer.weight.data += delta
             self.merged_adapters.append(adapter_name)
-            self.merged_slots[adapter_name] = slot
+            self.merged_slots[adapter_name] = merge_slot
 
     def unmerge(self) -> None:
         """Subtract every merged adapter from the base weight again."""
@@ -148,11 +164,14 @@ class Linear(nn.Module, JDLoraLayer):
             self.get_base_layer().weight.data -= self.get_delta_weight(adapter_name, slot)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:  # as PEFT's LoRA: a disabled layer is the base layer, merged or not
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters:
-            return result
+        call = self.jd_router.current()
         if self.merged:
-            if any(self.jd_batch.has_rows(name) for name in self.merged_adapters):
+            if call is not None and call.row_slots is not None and call.bundle in self.merged_adapters:
                 raise RuntimeError(
                     "adapter_ids cannot be used while an adapter is merged into the base weights: call "
                     "unmerge_adapter() first."
@@ -161,14 +180,24 @@ class Linear(nn.Module, JDLoraLayer):
         for adapter_name in self.active_adapters:
             if adapter_name not in self.jd_U:
                 continue
-            token_slots = self.jd_batch.token_slots(adapter_name, x)
-            if token_slots is None:
-                continue
             U, V, sigma, cluster = self._factors(adapter_name)
+            needs_grad = torch.is_grad_enabled() and (
+                x.requires_grad or U.requires_grad or V.requires_grad or sigma.requires_grad
+            )
+            slots = self.jd_router.token_slots(adapter_name, x, needs_grad)
+            if slots is None:
+                continue
             x_flat = self._cast_input_dtype(x, U.dtype).reshape(-1, self.in_features)  # [T, d_in]
-            metadata = self.jd_batch.metadata(adapter_name, token_slots, cluster)
-            delta = ops.jd_lora_delta(x_flat, token_slots, U, V, sigma, cluster, metadata=metadata)  # [T, d_out]
-            result = result + delta.view(*result.shape[:-1], self.out_features).to(result.dtype)
+            if needs_grad:  # out of place, so that autograd sees the sum; the kernels have no backward
+                backend = slots.backend if slots.backend == "torch" else ops.choose_backend(x.device, needs_grad)
+                delta = ops.jd_lora_delta(x_flat, slots.slots, U, V, sigma, cluster, backend=backend)  # [T, d_out]
+                result = result + delta.view(*result.shape[:-1], self.out_features).to(result.dtype)
+                continue
+            if not result.is_contiguous():
+                result = result.contiguous()
+            metadata = slots.metadata(self.jd_cluster_table[adapter_name])
+            out = result.view(-1, self.out_features)  # [T, d_out], the base layer's output
+            ops.add_jd_lora_delta_(out, x_flat, slots.slots, U, V, sigma, cluster, metadata, slots.backend)
         return result
 
     def __repr__(self) -> str:

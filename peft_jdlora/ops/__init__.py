@@ -1,6 +1,9 @@
 """Mixed-adapter JD-LoRA forward: the PyTorch reference and the dispatch to the Triton kernels.
 
-The backend is chosen per call:
+`add_jd_lora_delta_(out, x, token_slots, U, V, sigma, adapter_cluster)` adds the update of every token into `out` in
+place (what the layers and serving engines call); `jd_lora_delta(...)` returns it as a new, differentiable tensor.
+
+The backend is chosen once per batch (`choose_backend`):
 
 - ``"auto"`` (default): the Triton kernels for CUDA tensors when `jdlora_kernels` loads and no gradient is needed
   (the kernels have no backward), the PyTorch reference otherwise;
@@ -82,12 +85,17 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and bool(getattr(module, "INTERPRETED", False)))
 
 
-def _use_triton(device: torch.device, needs_grad: bool) -> bool:
+def choose_backend(device: torch.device, needs_grad: bool = False) -> str:
+    """The backend ("torch" or "triton") that runs the mixed-adapter op on tensors of `device`.
+
+    "auto" picks the kernels for CUDA tensors without gradients; a forced "triton" raises when the kernels cannot
+    run here or a gradient is needed (they have no backward). Decided once per batch shape and call by the layers.
+    """
     backend = _backend
     if backend == "torch":
-        return False
+        return "torch"
     if backend == "auto":
-        return device.type == "cuda" and not needs_grad and kernels_module() is not None
+        return "triton" if device.type == "cuda" and not needs_grad and kernels_module() is not None else "torch"
     module, reason = _load_kernels()
     if module is None:
         raise RuntimeError(f"the triton backend was forced but the kernels are unavailable: {reason}.")
@@ -101,15 +109,52 @@ def _use_triton(device: torch.device, needs_grad: bool) -> bool:
             "the triton backend was forced but this call needs gradients, and the kernels have no backward: use "
             "set_backend('auto') or 'torch' for training, or run under torch.no_grad() / torch.inference_mode()."
         )
-    return True
+    return "triton"
 
 
 def kernel_metadata(token_slots: torch.Tensor, adapter_cluster: torch.Tensor, device: torch.device) -> Optional[Any]:
     """Kernel batch metadata for host (CPU) `token_slots` [T] and `adapter_cluster` [N] on `device`, or None when the
     backend for `device` is the PyTorch reference. Invalid slots raise here, on the host."""
-    if not _use_triton(device, needs_grad=False):
+    if choose_backend(device) != "triton":
         return None
     return kernels_module().JDLoraKernelMeta.from_token_slots(token_slots, adapter_cluster, device=device)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def add_jd_lora_delta_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    token_slots: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    sigma: torch.Tensor,
+    adapter_cluster: torch.Tensor,
+    metadata: Optional[object] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """out[t] += U[c]·Σ[a]·V[c]·x[t] for each token t of adapter slot a (-1 = base: unchanged), in place; returns out.
+
+    The entry point for serving engines, with flat token slots:
+
+        out:             [T, d_out]      any float dtype (a view of the base layer's output works: rows may be strided)
+        x:               [T, d_in]       in U's dtype
+        token_slots:     [T] int64       slot of each token, -1 = base model (vLLM's token_lora_mapping)
+        U:               [C, d_out, r]   V: [C, r, d_in]   sigma: [N, r, r] (full) or [N, r] (diagonal)
+        adapter_cluster: [N] int64       cluster of each slot
+
+    `metadata` is the kernel batch metadata of `token_slots` (`kernel_metadata`, built once per batch on the host and
+    shared by every layer with the same cluster table); the triton backend builds it here when it is missing, which
+    reads the slots back to the host. `backend` ("torch" or "triton") defaults to `choose_backend`. Not for autograd:
+    use `jd_lora_delta` when gradients must flow.
+    """
+    if backend is None:
+        backend = choose_backend(x.device, _needs_grad(x, U, V, sigma))
+    if backend == "triton":
+        return kernels_module().jd_lora_delta(x, token_slots, U, V, sigma, adapter_cluster, metadata=metadata, out=out)
+    return reference.add_jd_lora_delta_(out, x, token_slots, U, V, sigma, adapter_cluster)
 
 
 def jd_lora_delta(
@@ -120,21 +165,23 @@ def jd_lora_delta(
     sigma: torch.Tensor,
     adapter_cluster: torch.Tensor,
     metadata: Optional[object] = None,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """delta[t] = U[c]·Σ[a]·V[c]·x[t] for each token t of adapter slot a (-1 = base, gives 0).
+    """delta[t] = U[c]·Σ[a]·V[c]·x[t] for each token t of adapter slot a (-1 = base, gives 0), as a new tensor.
 
-    x: [T, d_in]; token_slots: [T] int64; U: [C, d_out, r]; V: [C, r, d_in]; sigma: [N, r, r] or [N, r];
-    adapter_cluster: [N] int64 -> [T, d_out]. `metadata` is the kernel batch metadata shared by all layers of a
-    forward (built once per batch by `kernel_metadata`); the torch backend ignores it, and the triton backend builds
-    it here when it is missing (which reads the slots back to the host).
+    Shapes as in `add_jd_lora_delta_` -> [T, d_out] in x's dtype. Differentiable on the torch backend (what
+    training uses); the triton backend has no backward.
     """
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, U, V, sigma))
-    if _use_triton(x.device, needs_grad):
+    if backend is None:
+        backend = choose_backend(x.device, _needs_grad(x, U, V, sigma))
+    if backend == "triton":
         return kernels_module().jd_lora_delta(x, token_slots, U, V, sigma, adapter_cluster, metadata=metadata)
     return reference.jd_lora_delta(x, token_slots, U, V, sigma, adapter_cluster)
 
 
 __all__ = [
+    "add_jd_lora_delta_",
+    "choose_backend",
     "get_backend",
     "jd_lora_delta",
     "kernel_metadata",

@@ -45,21 +45,27 @@ def shrink(x: torch.Tensor, V: torch.Tensor, token_cluster: Optional[torch.Tenso
     return torch.cat(chunks) if chunks else x.new_zeros(0, rank)
 
 
-def expand(z: torch.Tensor, U: torch.Tensor, token_cluster: Optional[torch.Tensor]) -> torch.Tensor:
-    """y[t] = U[c(t)] · z[t].  z: [T, r], U: [C, d_out, r], token_cluster: [T] (None when C = 1) -> y: [T, d_out]."""
+def expand(
+    z: torch.Tensor, U: torch.Tensor, token_cluster: Optional[torch.Tensor], out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """y[t] = U[c(t)] · z[t].  z: [T, r], U: [C, d_out, r], token_cluster: [T] (None when C = 1) -> y: [T, d_out].
+
+    With `out` ([T, d_out], z's dtype) the products are added into it in place (addmm_: no [T, d_out] temporary)."""
     num_clusters, d_out, rank = U.shape
     if num_clusters == 1:
-        return z @ U[0].T
+        return z @ U[0].T if out is None else out.addmm_(z, U[0].T)
     if num_clusters * rank <= WIDE_GEMM_MAX_COLUMNS:
         z_wide = z.new_zeros(z.shape[0], num_clusters, rank)
         z_wide.scatter_(1, token_cluster.view(-1, 1, 1).expand(-1, 1, rank), z.unsqueeze(1))
         U_wide = U.permute(1, 0, 2).reshape(d_out, num_clusters * rank)  # [d_out, C·r]
-        return z_wide.view(z.shape[0], -1) @ U_wide.T
-    chunks = []
+        z_wide = z_wide.view(z.shape[0], -1)  # [T, C·r]
+        return z_wide @ U_wide.T if out is None else out.addmm_(z_wide, U_wide.T)
+    if out is None:
+        out = z.new_zeros(z.shape[0], d_out)
     for start in range(0, z.shape[0], GATHER_CHUNK_TOKENS):
         zs, cs = z[start : start + GATHER_CHUNK_TOKENS], token_cluster[start : start + GATHER_CHUNK_TOKENS]
-        chunks.append(torch.bmm(U[cs], zs.unsqueeze(-1)).squeeze(-1))
-    return torch.cat(chunks) if chunks else z.new_zeros(0, d_out)
+        out[start : start + zs.shape[0]] += torch.bmm(U[cs], zs.unsqueeze(-1)).squeeze(-1)
+    return out
 
 
 def apply_sigma(
@@ -75,6 +81,15 @@ def apply_sigma(
     return torch.where((token_slots >= 0).unsqueeze(-1), z, 0.0)
 
 
+def _core(
+    x: torch.Tensor, token_slots: torch.Tensor, V: torch.Tensor, sigma: torch.Tensor, adapter_cluster: torch.Tensor
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """z[t] = Σ[a(t)] · V[c(t)] · x[t] ([T, r], 0 for base tokens) and the cluster of every token (None when C = 1)."""
+    slots = token_slots.clamp(min=0)  # [T]
+    token_cluster = adapter_cluster[slots] if V.shape[0] > 1 else None  # [T]
+    return apply_sigma(shrink(x, V, token_cluster), sigma, token_slots, slots), token_cluster
+
+
 def jd_lora_delta(
     x: torch.Tensor,
     token_slots: torch.Tensor,
@@ -84,14 +99,12 @@ def jd_lora_delta(
     adapter_cluster: torch.Tensor,
 ) -> torch.Tensor:
     """The JD-LoRA update for every token: [T, d_in] -> [T, d_out] (shapes in the module docstring)."""
-    slots = token_slots.clamp(min=0)  # [T]
-    token_cluster = adapter_cluster[slots] if U.shape[0] > 1 else None  # [T]
-    h = shrink(x, V, token_cluster)
-    z = apply_sigma(h, sigma, token_slots, slots)
+    z, token_cluster = _core(x, token_slots, V, sigma, adapter_cluster)
     return expand(z, U, token_cluster)
 
 
-def jd_lora_delta_dense(
+def add_jd_lora_delta_(
+    out: torch.Tensor,
     x: torch.Tensor,
     token_slots: torch.Tensor,
     U: torch.Tensor,
@@ -99,15 +112,8 @@ def jd_lora_delta_dense(
     sigma: torch.Tensor,
     adapter_cluster: torch.Tensor,
 ) -> torch.Tensor:
-    """Brute-force reference for tests: forms each token's dense ΔW (small sizes only)."""
-    rows = []
-    for t in range(x.shape[0]):
-        slot = int(token_slots[t])
-        if slot < 0:
-            rows.append(x.new_zeros(U.shape[1]))
-            continue
-        cluster = int(adapter_cluster[slot])
-        s = sigma[slot] if sigma.dim() == 3 else torch.diag(sigma[slot])
-        delta_w = U[cluster] @ s @ V[cluster]  # [d_out, d_in]
-        rows.append(delta_w @ x[t])
-    return torch.stack(rows) if rows else x.new_zeros(0, U.shape[1])
+    """out [T, d_out] += the update of every token, in place (into out directly when it has x's dtype)."""
+    z, token_cluster = _core(x, token_slots, V, sigma, adapter_cluster)
+    if out.dtype == z.dtype:
+        return expand(z, U, token_cluster, out=out)
+    return out.add_(expand(z, U, token_cluster).to(out.dtype))
