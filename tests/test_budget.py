@@ -3,6 +3,8 @@ worse than the fixed-rank baselines at equal floats, exact float accounting, tar
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -11,8 +13,16 @@ from peft import PeftModel
 
 from peft_jdlora import export_lora, load_bundle, ops, save_bundle
 from peft_jdlora.compression import LoraAdapter, compress
-from peft_jdlora.compression.cost import budget_to_floats, bundle_floats, module_floats, parse_budget, target_rank
-from peft_jdlora.compression.curves import rank_grid
+from peft_jdlora.compression.cost import (
+    DEFAULT_BUDGET,
+    DEFAULT_PLAN_CLUSTER_COUNTS,
+    budget_to_floats,
+    bundle_floats,
+    module_floats,
+    parse_budget,
+    target_rank,
+    uniform_floats,
+)
 from peft_jdlora.compression.synthetic import SyntheticSource
 
 torch.set_num_threads(1)
@@ -67,8 +77,19 @@ def test_parse_budget_and_cost_model():
     assert budget_to_floats(4000, 123, torch.float32) == 1000
     assert module_floats(10, 6, 3, 2, 1, "full") == 2 * 16 + 3 * 4
     assert module_floats(10, 6, 3, 2, 3, "diag") == 3 * 2 * 16 + 3 * 2
-    grid = rank_grid(40)
-    assert grid[:16] == list(range(1, 17)) and grid[-1] == 40 and grid == sorted(set(grid))
+    # "r16": the size of the one-basis bundle compress(rank=16) builds, per-module caps included.
+    assert parse_budget("r16") == parse_budget("rank16") == ("rank", 16.0)
+    source = collection("shared")
+    shapes, ranks = source.shapes(), source.ranks()
+    assert budget_to_floats("r40", 1, torch.float32, shapes, ranks) == uniform_floats(shapes, ranks, "jd", 40)
+    assert uniform_floats(shapes, ranks, "jd", 40) == sum(
+        module_floats(d_out, d_in, N, min(40, d_out, d_in, N * R), 1, "full") for d_out, d_in in MODULES.values()
+    )
+    bundle = compress(source, rank=12, progress=False, device="cpu")
+    assert budget_to_floats("r12", 1, torch.float32, shapes, ranks) == bundle_floats(bundle)
+    for bad in ("r0", "r", "r1.5"):
+        with pytest.raises(ValueError):
+            parse_budget(bad)
 
 
 # ------------------------------------------------------------------------------------------------ known best plans
@@ -120,12 +141,16 @@ def test_never_above_either_baseline_at_equal_floats(kind, budget):
         assert base.report["params"]["bundle"] <= floats
         errors[method] = base.report["overall"]["mean_error"]
         assert error <= errors[method] * (1 + 1e-9) + 1e-12, (method, rank, error, errors[method])
-    # The plan's own baselines (from its curves) are the same fits as `compress` at those ranks: the curves are exact.
-    jd1 = report["budget"]["baselines_same_floats"]["jd1"]
-    assert jd1["rank"] == largest_uniform_rank(source, floats, "jd")
-    assert jd1["mean_error"] == pytest.approx(errors["jd"], rel=1e-6, abs=1e-12)
-    # Predicted (curves) and measured (stored factors, float64) errors agree.
-    assert report["budget"]["predicted_mean_error"] == pytest.approx(error, rel=1e-6, abs=1e-12)
+    # The plan's own baselines within the budget are the bundles `compress` builds at those ranks: exact on the curves.
+    budget_floats = report["budget"]["floats"]
+    for method, family in (("jd", "jd1"), ("svd", "svd")):
+        baseline = report["budget"]["baselines_within_budget"][family]
+        assert baseline["exact"] and baseline["rank"] == largest_uniform_rank(source, budget_floats, method)
+        real = compress(source, method=method, rank=baseline["rank"], progress=False, device="cpu")
+        assert baseline["mean_error"] == pytest.approx(real.report["overall"]["mean_error"], rel=1e-6, abs=1e-12)
+        assert error <= baseline["mean_error"] * (1 + 1e-9) + 1e-12
+    # The stored bundle (float64) is at most the predicted error: refining a nested start never makes it worse.
+    assert error <= report["budget"]["predicted_mean_error"] * (1 + 1e-9) + 1e-12
 
 
 @pytest.mark.parametrize("kind", ["random", "shared"])
@@ -356,3 +381,160 @@ def test_budget_hint_thresholds():
     assert "rank 2" in budget_hint(summary(None, (1200, 0.2)))  # the next rank at 1.2x the bytes
     assert budget_hint(summary(None, (1300, 0.2))) is None
     assert budget_hint({"mean_error": 0.4, "params_bundle": 1000}) is None  # budget plans carry no svd_baseline
+
+
+# ------------------------------------------------------------------------------------------------ the default plan
+
+
+@pytest.mark.parametrize("kind", ["shared", "random", "families"])
+def test_default_plan_is_never_worse_than_either_baseline(kind):
+    """The plan `jdlora-convert` builds by default (DEFAULT_BUDGET: the size of compress(rank=16), no cluster search)
+    against real fixed-rank bundles: per-adapter SVD and one shared basis at the largest uniform rank within the
+    plan's floats, and one shared basis within the budget (what the converter built before plans: rank 16)."""
+    source = collection(kind, noise=0.3)
+    plan = compress(
+        source,
+        budget=DEFAULT_BUDGET,
+        cluster_counts=DEFAULT_PLAN_CLUSTER_COUNTS,
+        progress=False,
+        device="cpu",
+    )
+    report = plan.report
+    error, floats = report["overall"]["mean_error"], report["params"]["bundle"]
+    fixed = compress(source, rank=16, progress=False, device="cpu")
+    assert floats <= report["budget"]["floats"] == fixed.report["params"]["bundle"]
+    assert error <= fixed.report["overall"]["mean_error"] * (1 + 1e-9) + 1e-12
+    assert report["budget"]["families_pruned"] == [] and report["budget"]["cluster_counts"] == []
+    assert set(report["budget"]["modules_by_family"]) <= {"svd", "jd1"}
+    for method in ("svd", "jd"):
+        rank = largest_uniform_rank(source, floats, method)
+        if rank is None:  # rank 1 does not fit (per-adapter SVD of many adapters is dear)
+            continue
+        baseline = compress(source, method=method, rank=rank, progress=False, device="cpu").report
+        assert baseline["params"]["bundle"] <= floats
+        assert error <= baseline["overall"]["mean_error"] * (1 + 1e-9) + 1e-12, (method, rank)
+    # Per module, the stored error never exceeds the predicted one (nested starts are only refined).
+    for module, entry in report["plan"].items():
+        assert entry["mean_error"] <= entry["predicted_mean_error"] * (1 + 1e-9) + 1e-12, module
+
+
+def test_unrelated_adapters_with_decaying_spectra_go_to_per_adapter_svd():
+    # Trained LoRAs concentrate their update in a few directions; then per-adapter SVD of low rank is the better use
+    # of the default's bytes on unrelated adapters, and the plan takes it (mixing ranks beats one rank everywhere).
+    source = SyntheticSource(MODULES, N, lora_rank=R, kind="random", decay=0.5, seed=2, dtype=torch.float64)
+    plan = compress(source, budget="r16", cluster_counts=(), progress=False, device="cpu").report
+    fixed = compress(source, rank=16, progress=False, device="cpu").report
+    assert plan["budget"]["modules_by_family"] == {"svd": len(MODULES)}
+    assert plan["overall"]["mean_error"] < 0.2 * fixed["overall"]["mean_error"]
+    assert plan["overall"]["mean_error"] < 0.7 * plan["budget"]["baselines_within_budget"]["svd"]["mean_error"]
+
+
+def test_plans_are_deterministic_and_do_not_depend_on_batching():
+    source = collection("families", noise=0.3)
+    kwargs = {"budget": "3x", "cluster_counts": (2,), "progress": False, "device": "cpu", "seed": 3}
+    first, again = compress(source, **kwargs), compress(source, **kwargs)
+    one_module_batches = compress(source, max_batch_bytes=1, **kwargs)
+    assert first.config.to_dict() == again.config.to_dict() == one_module_batches.config.to_dict()
+    for module, f in first.modules.items():
+        for x, y in zip(
+            (f.U, f.V, f.sigma), (again.modules[module].U, again.modules[module].V, again.modules[module].sigma)
+        ):
+            assert torch.equal(x, y)
+        for name in first.config.adapter_names:
+            torch.testing.assert_close(
+                one_module_batches.delta_weight(module, name), first.delta_weight(module, name), atol=1e-9, rtol=1e-7
+            )
+    assert first.report["plan"] == again.report["plan"]
+    assert first.report["overall"] == again.report["overall"]
+
+
+def test_nested_curves_one_fit_per_family():
+    """One fit per cluster of each family gives every rank: errors fall with the rank, the fitted rank is the fit
+    `compress(rank=...)` makes, lower ranks are upper bounds the built bundle meets, and options above the fit exist
+    (the extension), all from 1 fit per cluster and batch."""
+    source = collection("shared", noise=0.3)
+    budget_floats = uniform_floats(source.shapes(), source.ranks(), "jd", 6)
+    plan = compress(source, budget=budget_floats * 8, cluster_counts=(), progress=False, device="cpu")
+    report = plan.report
+    assert report["budget"]["fit_rank"] == 6
+    assert report["timings"]["fits"] == 2  # one per batch of same-shape modules (q_proj, v_proj)
+    fixed = compress(source, rank=6, progress=False, device="cpu")
+    assert report["budget"]["baselines_within_budget"]["jd1"]["mean_error"] == pytest.approx(
+        fixed.report["overall"]["mean_error"], rel=1e-9, abs=1e-12
+    )
+    from peft_jdlora.compression.curves import CurveFitter, Family
+
+    fitter = CurveFitter(
+        source,
+        families=[Family("jd1", (0,) * N)],
+        fit_rank=6,
+        limit=None,
+        device=torch.device("cpu"),
+        compute_dtype=torch.float64,
+        storage_dtype=torch.float64,
+        seed=0,
+        max_iter=100,
+        tol=1e-3,
+        stall_tol=1e-5,
+        progress=False,
+    )
+    curves = fitter.curves()
+    for module, c in curves.items():
+        jd = sorted((o for o in c.options if o.family == "jd1"), key=lambda o: o.rank)
+        assert [o.rank for o in jd] == list(range(1, 13))  # nested below the fit, extended to twice its rank
+        assert all(a.error >= b.error - 1e-12 for a, b in itertools.pairwise(jd))
+        assert [o.rank for o in jd if o.exact] == [6]
+        bases = fitter.bases[(module, "jd1")]
+        eye = torch.eye(12, dtype=torch.float64)
+        torch.testing.assert_close(bases.U[0].mT @ bases.U[0], eye, atol=1e-10, rtol=0)
+        torch.testing.assert_close(bases.V[0].mT @ bases.V[0], eye, atol=1e-10, rtol=0)
+        # The fit's subspace is the first 6 columns (rotated within), so rank 6 is the fit's error.
+        fitted = fixed.report["per_adapter"]
+        exact = next(o for o in jd if o.rank == 6)
+        assert sum(exact.errors) / N == pytest.approx(
+            sum(fitted[n]["modules"][module] for n in fitted) / N, rel=1e-9, abs=1e-12
+        )
+    # Build a plan at ranks below the fit: the stored errors are at most the curves' (refined from nested starts).
+    low = {m: next(o for o in c.options if o.family == "jd1" and o.rank == 3) for m, c in curves.items()}
+    modules, errors, _iterations = fitter.build(low)
+    for module, option in low.items():
+        stored = sum(errors[n][module] for n in source.names)
+        assert stored <= sum(option.errors) * (1 + 1e-12) + 1e-12
+        assert modules[module].U.shape == (1, MODULES[module][0], 3)
+
+
+def test_clusters_are_chosen_on_a_sample_and_pruned_when_unused():
+    modules = {
+        f"model.layers.{i}.self_attn.{p}": s for i in range(6) for p, s in (("q_proj", (48, 48)), ("v_proj", (24, 48)))
+    }
+    shared = SyntheticSource(modules, N, lora_rank=R, kind="shared", basis_rank=4, noise=0.05, seed=4)
+    report = compress(shared, budget="4x", cluster_counts=(2,), cluster_sample=4, progress=False, device="cpu").report
+    assert report["budget"]["cluster_sample_modules"] == 4
+    assert report["budget"]["families_pruned"] == ["jd2"]  # one shared basis is what this collection rewards
+    assert "jd2" not in report["budget"]["modules_by_family"]
+    families = SyntheticSource(modules, N, lora_rank=R, kind="families", basis_rank=4, noise=0.05, seed=4)
+    report = compress(families, budget="3x", cluster_counts=(2,), cluster_sample=4, progress=False, device="cpu").report
+    assert report["budget"]["families_pruned"] == [] and "jd2" in report["budget"]["modules_by_family"]
+
+
+def test_engine_gives_every_smaller_cluster_count_on_the_way():
+    from peft_jdlora.compression.engine import Engine
+
+    source = collection("families", noise=0.3)
+    settings = {
+        "rank": 4,
+        "method": "jd",
+        "sigma": "full",
+        "max_iter": 100,
+        "tol": 1e-3,
+        "stall_tol": 1e-5,
+        "device": "cpu",
+        "compute_dtype": torch.float64,
+        "storage_dtype": torch.float64,
+        "seed": 0,
+        "progress": False,
+    }
+    found = Engine(source, **settings).run(clusters=3, assignments_only=True)
+    assert found.modules is None
+    for k in (2, 3):
+        assert found.assignments_by_count[k] == Engine(source, **settings).run(clusters=k).assignment

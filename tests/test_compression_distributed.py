@@ -30,7 +30,7 @@ def collection():
     return SyntheticSource(MODULES, num_adapters=6, lora_rank=3, kind="families", noise=0.2, seed=5).adapters()
 
 
-def _worker(rank: int, world_size: int, folder: str) -> None:
+def _worker(rank: int, world_size: int, folder: str, kwargs: dict = KWARGS) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -40,7 +40,7 @@ def _worker(rank: int, world_size: int, folder: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
-        bundle = compress(collection(), **KWARGS)
+        bundle = compress(collection(), **kwargs)
         if rank == 0:
             save_bundle(bundle, os.path.join(folder, "bundle"))
         else:
@@ -88,3 +88,32 @@ def test_two_gloo_processes_give_the_single_process_bundle(tmp_path):
                 bundle.delta_weight(module, name), reference.delta_weight(module, name), atol=1e-5, rtol=1e-5
             )
     assert bundle.report["overall"]["mean_error"] == pytest.approx(reference.report["overall"]["mean_error"], rel=1e-4)
+
+
+def test_budget_plan_over_two_gloo_processes_is_the_single_process_plan(tmp_path):
+    """Cluster search, curves and the build are split over the processes; the curves are shared, so both take the
+    plan one process takes, and rank 0 returns the same bundle."""
+    kwargs = {"budget": "3x", "cluster_counts": (2,), "seed": 7, "progress": False, "max_batch_bytes": 1}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = compress(collection(), **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+    context = mp.start_processes(_worker, args=(2, str(tmp_path), kwargs), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two gloo processes did not finish within 120 s")
+    assert json.loads((tmp_path / "rank1.json").read_text()) == {"returned_none": True}
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.report["world_size"] == 2 and bundle.report["method"] == "budget"
+    assert bundle.report["plan"] == reference.report["plan"]
+    assert bundle.config.to_dict() == reference.config.to_dict()
+    for module in reference.modules:
+        for name in bundle.config.adapter_names:
+            torch.testing.assert_close(
+                bundle.delta_weight(module, name), reference.delta_weight(module, name), atol=1e-5, rtol=1e-5
+            )

@@ -69,6 +69,7 @@ def compress(
     budget: Union[int, float, str, None] = None,
     target_error_every: bool = False,
     cluster_counts: Sequence[int] = (2, 4),
+    cluster_sample: int = 16,
 ) -> Optional[Bundle]:
     """Compress a collection of LoRA adapters into a JD-LoRA bundle (DESIGN.md §1; docs/algorithms.md).
 
@@ -96,12 +97,17 @@ def compress(
         check_base_model: refuse adapters whose `base_model_name_or_path` differ.
         max_batch_bytes: memory budget of one batch of modules.
         budget: a budget plan instead of a fixed rank (see `budget.py`): the bundle's size in bytes of the storage
-            dtype (an int, or "4MB", "4MiB"), or a ratio like "16x" (16 times smaller than the source adapters); the
-            representation (shared bases, clusters or per-adapter SVD), rank and clusters are chosen per module to
-            minimise the mean error. `budget="auto"` picks the smallest bundle meeting `target_error`. `rank`,
-            `sigma`, `clusters` and `method` do not apply.
+            dtype (an int, or "4MB", "4MiB"), a ratio like "16x" (16 times smaller than the source adapters), or
+            "r16" (the size of the bundle `rank=16` gives); the representation (shared bases, clusters or
+            per-adapter SVD), rank and clusters are chosen per module to minimise the mean error, never above the
+            better of per-adapter SVD and one shared basis within the same budget. `budget="auto"` picks the smallest
+            bundle meeting `target_error`. `rank`, `sigma`, `clusters` and `method` do not apply. `jdlora-convert`
+            without size or shape options builds `budget=cost.DEFAULT_BUDGET` ("r16") with
+            `cluster_counts=cost.DEFAULT_PLAN_CLUSTER_COUNTS` (none).
         target_error_every: with `budget="auto"`, every adapter (not the mean over adapters) must meet `target_error`.
         cluster_counts: cluster counts a budget plan considers besides one shared basis and per-adapter SVD.
+        cluster_sample: how many modules a budget plan chooses its clusters on (and prunes cluster counts its plan of
+            them does not use).
 
     Returns:
         The bundle, with `bundle.report` (fidelity, sizes, timings; for `method="jd"` in one process, also
@@ -124,6 +130,7 @@ def compress(
             target_error=target_error,
             every=target_error_every,
             cluster_counts=cluster_counts,
+            cluster_sample=cluster_sample,
             fixed={"clusters": (clusters, 1), "method": (method, "jd")},
             max_iter=max_iter,
             tol=tol,
@@ -204,7 +211,7 @@ def _compress_budget(
     compute_dtype: Optional[torch.dtype],
     check_base_model: bool,
     **kwargs: Any,
-) -> Bundle:
+) -> Optional[Bundle]:
     """`compress(..., budget=...)`: a budget plan (see `budget.compress_with_budget`)."""
     from .budget import compress_with_budget
 
@@ -224,7 +231,10 @@ def _compress_budget(
         storage_dtype=storage_dtype,
         **kwargs,
     )
-    bundle.report.update({"device": str(resolved), "world_size": 1, "compute_dtype": dtype_name(compute_dtype)})
+    if bundle is None:  # a process other than rank 0 under torch.distributed
+        return None
+    world = dist_info()[1]
+    bundle.report.update({"device": str(resolved), "world_size": world, "compute_dtype": dtype_name(compute_dtype)})
     return bundle
 
 

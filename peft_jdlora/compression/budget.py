@@ -5,40 +5,83 @@ A shared basis is not always the best use of bytes: the private part of an adapt
 collection (related or unrelated adapters) and on the module's width, so `compress(..., budget=...)` decides per
 module from measured error curves. The parts:
 
-    cost.py      stored floats per module, budgets ("4MB", "16x"), rank caps (no torch)
-    curves.py    per module, the candidate options (per-adapter SVD, shared bases of each cluster assignment) with
-                 their floats and errors; the bundle factors of the chosen options
+    cost.py      stored floats per module, budgets ("4MB", "16x", "r16"), rank caps (no torch)
+    curves.py    per module, the candidate options (per-adapter SVD; shared bases of each cluster assignment) with
+                 their floats and errors, from one fit per family; the bundle factors of the chosen options
     planner.py   the multiple-choice knapsack over modules (no torch)
     plan_io.py   the plan as a bundle config (per-module patterns) and as report sections
-    budget.py    this driver: cluster assignments, curves, plan, bundle, report
+    budget.py    this driver
 
-The format stores one rank per module (every cluster of a module has the same rank), so the plan space is one rank
-per module, and a per-adapter SVD module pads nothing because every adapter gets the same q.
+The driver:
+
+1. Anchor rank r*: the largest rank whose uniform one-basis bundle (`compress(rank=r*)`) fits the budget. One basis is
+   fitted at r* on every module, exactly as `compress(rank=r*)` fits it, so that baseline is exact on the curves.
+2. Cluster assignments (`cluster_counts`): one engine run with the most clusters on a sample of modules
+   (`cluster_sample`, spread over layers and module kinds) gives the assignment of every smaller count on the way.
+3. Pruning: the curves of the sampled modules are computed first, with every family; a family the best plan of the
+   sample (its share of the budget) does not use is not fitted on the other modules.
+4. Curves of the remaining modules; the plan (`planner.optimise`, or `plan_for_target`); the bundle, with the chosen
+   options refined from their nested starts (`CurveFitter.build`).
+
+Since the planner compares with every uniform plan of the curves, and the curves of per-adapter SVD and of one basis
+at r* are exact, the plan's predicted error is never above the better of per-adapter SVD and one shared basis within
+the budget; the stored error is at most the predicted one. Every step is seeded (module names, `seed`), so the
+bundle is deterministic. Under torch.distributed the batches are split over the processes (the cluster run, the
+curves and the build), the curves are shared so that every process takes the same plan, and rank 0 returns the
+bundle. The format stores one rank per module (every cluster of a module has the same rank), so the plan space is one
+rank per module.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
-from ..bundle import Bundle
-from .cost import BudgetLike, budget_to_floats, per_adapter_params, stored_floats
-from .curves import DEFAULT_CACHE_BYTES, CurveFitter
-from .engine import DEFAULT_MAX_BATCH_BYTES, Engine, FactorSource, dist_info
+from ..bundle import Bundle, ModuleFactors
+from .cost import BudgetLike, budget_to_floats, module_floats, per_adapter_params, stored_floats, uniform_floats
+from .curves import CurveFitter, Family
+from .engine import DEFAULT_MAX_BATCH_BYTES, Engine, FactorSource, ModuleSubset, gather_to_rank0
 from .metrics import dtype_bytes, dtype_name, size_report, summarise
 from .plan_io import budget_report, plan_config, plan_report
-from .planner import optimise, plan_for_target
+from .planner import ModuleCurves, optimise, plan_for_target
 
 DEFAULT_CLUSTER_COUNTS = (2, 4)
+DEFAULT_CLUSTER_SAMPLE = 16
+
+
+def anchor_rank(shapes: dict[str, tuple[int, int]], ranks: dict[str, list[int]], budget_floats: float) -> int:
+    """The largest rank r whose one-basis bundle `compress(rank=r)` stores at most `budget_floats` (0 if none)."""
+    cap = max(min(d_out, d_in, sum(ranks[m])) for m, (d_out, d_in) in shapes.items())
+    r = 0
+    while r < cap and uniform_floats(shapes, ranks, "jd", r + 1) <= budget_floats:
+        r += 1
+    return r
+
+
+def sample_modules(shapes: dict[str, tuple[int, int]], count: int) -> list[str]:
+    """Up to `count` modules spread evenly over every module kind (the name's last part: q_proj, v_proj, ...) and,
+    within a kind, over the layers (the source's order). Deterministic; all modules if there are at most `count`."""
+    if len(shapes) <= count:
+        return list(shapes)
+    kinds: dict[str, list[str]] = {}
+    for module in shapes:
+        kinds.setdefault(module.rsplit(".", 1)[-1], []).append(module)
+    quota = max(1, count // len(kinds))
+    picked = []
+    for members in kinds.values():
+        k = min(quota, len(members))
+        picked += [members[round(i * (len(members) - 1) / max(k - 1, 1))] for i in range(k)] if k > 1 else members[:1]
+    return [m for m in shapes if m in set(picked)]
 
 
 def cluster_assignments(
     source: FactorSource,
     counts: Sequence[int],
     *,
+    modules: Sequence[str],
     rank: int,
     device: torch.device,
     compute_dtype: torch.dtype,
@@ -49,35 +92,53 @@ def cluster_assignments(
     stall_tol: float,
     progress: bool,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-) -> tuple[dict[str, list[int]], dict[str, float]]:
-    """{"jd1": all zeros, "jd<C>": the engine's C-cluster assignment at `rank`} (duplicates and runs that ended with
-    one cluster dropped), and the seconds each took."""
+) -> dict[str, list[int]]:
+    """{"jd1": all zeros, "jd<C>": the engine's C-cluster assignment at `rank` on `modules`}, from one engine run
+    with the largest count (the smaller ones are on its way); duplicates and counts that found one cluster dropped."""
     N = len(source.names)
     out: dict[str, list[int]] = {"jd1": [0] * N}
-    seconds: dict[str, float] = {}
-    for k in sorted({int(k) for k in counts if 1 < int(k) < N}):
-        start = time.perf_counter()
-        engine = Engine(
-            source,
-            rank=rank,
-            method="jd",
-            sigma="full",
-            max_iter=max_iter,
-            tol=tol,
-            stall_tol=stall_tol,
-            device=device,
-            compute_dtype=compute_dtype,
-            storage_dtype=storage_dtype,
-            seed=seed,
-            progress=progress,
-            max_batch_bytes=max_batch_bytes,
+    wanted = sorted({int(k) for k in counts if 1 < int(k) < N})
+    if not wanted:
+        return out
+    engine = Engine(
+        ModuleSubset(source, modules),
+        rank=rank,
+        method="jd",
+        sigma="full",
+        max_iter=max_iter,
+        tol=tol,
+        stall_tol=stall_tol,
+        device=device,
+        compute_dtype=compute_dtype,
+        storage_dtype=storage_dtype,
+        seed=seed,
+        progress=progress,
+        max_batch_bytes=max_batch_bytes,
+    )
+    found = engine.run(clusters=wanted[-1], assignments_only=True).assignments_by_count
+    for k in wanted:
+        if k not in found:  # seeding stopped early: every adapter was exact with fewer clusters
+            continue
+        assignment = found[k]
+        C = max(assignment) + 1
+        if C > 1 and assignment not in out.values():
+            out[f"jd{C}"] = assignment
+    return out
+
+
+def _limits(fitter_floor: dict[str, int], lossless: dict[str, int], budget_floats: int, max_share: float) -> dict:
+    """Most floats an option of each module may take: no module can take more than the budget minus the others'
+    cheapest options, and plans rarely give a module more than `max_share` times its share of the budget (its share of
+    the lossless size); only the extension above the fitted rank is bounded by it (the rest costs no fit)."""
+    floor = sum(fitter_floor.values())
+    total = sum(lossless.values())
+    return {
+        m: min(
+            budget_floats - floor + fitter_floor[m],
+            max(fitter_floor[m], max_share * budget_floats * lossless[m] / total),
         )
-        result = engine.run(clusters=k)
-        seconds[f"jd{k}"] = time.perf_counter() - start
-        assignment = list(result.assignment)
-        if result.num_clusters > 1 and assignment not in out.values():
-            out[f"jd{result.num_clusters}"] = assignment
-    return out, seconds
+        for m in fitter_floor
+    }
 
 
 def compress_with_budget(
@@ -88,6 +149,7 @@ def compress_with_budget(
     every: bool = False,
     cluster_counts: Sequence[int] = DEFAULT_CLUSTER_COUNTS,
     cluster_rank: Optional[int] = None,
+    cluster_sample: int = DEFAULT_CLUSTER_SAMPLE,
     device: torch.device,
     compute_dtype: torch.dtype,
     storage_dtype: torch.dtype,
@@ -97,92 +159,111 @@ def compress_with_budget(
     stall_tol: float = 1e-5,
     progress: bool = True,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
-    cache_bytes: int = DEFAULT_CACHE_BYTES,
     max_share: float = 4.0,
-) -> Bundle:
+) -> Optional[Bundle]:
     """A bundle whose per-module representation, rank and clusters minimise the mean error within `budget` (bytes,
-    or a ratio like "16x"), or (`budget="auto"`) the smallest one meeting `target_error`. See the module docstring;
-    `compress(..., budget=...)` is the public entry point."""
-    if dist_info()[1] > 1:
-        raise NotImplementedError("budget plans run in one process; launch without torch.distributed.")
+    a ratio like "16x", or "r16": the size of `compress(rank=16)`), or (`budget="auto"`) the smallest one meeting
+    `target_error`. See the module docstring; `compress(..., budget=...)` is the public entry point. Returns None on
+    processes other than rank 0 under torch.distributed."""
     auto = budget == "auto"
     if auto and (target_error is None or not target_error >= 0):
         raise ValueError("budget='auto' picks the smallest bundle meeting target_error: give target_error >= 0.")
     if not auto and target_error is not None:
         raise ValueError("give either a budget or budget='auto' with target_error, not both.")
+    if cluster_sample < 1:
+        raise ValueError(f"cluster_sample must be at least 1, got {cluster_sample!r}.")
     start = time.perf_counter()
     names = list(source.names)
     N = len(names)
     shapes, ranks = source.shapes(), source.ranks()
     original_params, original_bytes = source.original_size()
-    budget_floats = None if auto else budget_to_floats(budget, original_bytes, storage_dtype)
+    itemsize = dtype_bytes(storage_dtype)
+    budget_floats = None if auto else budget_to_floats(budget, original_bytes, storage_dtype, shapes, ranks)
     max_lora_rank = max(max(r) for r in ranks.values())
-    assignments, cluster_seconds = cluster_assignments(
-        source,
-        cluster_counts,
-        rank=cluster_rank or max_lora_rank,
-        device=device,
-        compute_dtype=compute_dtype,
-        storage_dtype=storage_dtype,
-        seed=seed,
-        max_iter=max_iter,
-        tol=tol,
-        stall_tol=stall_tol,
-        progress=progress,
-        max_batch_bytes=max_batch_bytes,
-    )
-    planner = CurveFitter(
-        source,
-        assignments=assignments,
-        device=device,
-        compute_dtype=compute_dtype,
-        storage_dtype=storage_dtype,
-        seed=seed,
-        max_iter=max_iter,
-        tol=tol,
-        stall_tol=stall_tol,
-        progress=progress,
-        cache_bytes=cache_bytes,
-        max_batch_bytes=max_batch_bytes,
-    )
+    cheapest = {m: module_floats(d_out, d_in, N, 1, 1, "full") for m, (d_out, d_in) in shapes.items()}
+    lossless = {
+        m: module_floats(d_out, d_in, N, max(1, min(max(ranks[m]), d_out, d_in)), N, "diag")
+        for m, (d_out, d_in) in shapes.items()
+    }
     limit = None
     if budget_floats is not None:
-        floor = sum(planner.min_floats(m) for m in shapes)
+        floor = sum(cheapest.values())
         if budget_floats < floor:
             raise ValueError(
-                f"the budget ({budget_floats} floats = {budget_floats * dtype_bytes(storage_dtype)} bytes in "
+                f"the budget ({budget_floats} floats = {budget_floats * itemsize} bytes in "
                 f"{dtype_name(storage_dtype)}) is below the smallest bundle of this collection ({floor} floats = "
-                f"{floor * dtype_bytes(storage_dtype)} bytes: rank 1 everywhere)."
+                f"{floor * itemsize} bytes: rank 1 everywhere)."
             )
-        # No module can take more than the budget minus the others' cheapest options: larger fits are never used.
-        # Fitting JD up to that bound costs a fit per grid rank; plans rarely give a module more than a few times its
-        # share of the budget (its share of the lossless size), so curves stop at `max_share` times that share.
-        lossless = {m: planner.lossless_floats(m) for m in shapes}
-        total = sum(lossless.values())
-        limit = {
-            m: min(
-                budget_floats - floor + planner.min_floats(m),
-                max(planner.min_floats(m), max_share * budget_floats * lossless[m] / total),
-            )
-            for m in shapes
+        limit = _limits(cheapest, lossless, budget_floats, max_share)
+        fit_rank = max(1, anchor_rank(shapes, ranks, budget_floats))
+    else:
+        fit_rank = 2 * max_lora_rank  # no budget: fit where a target is usually met; SVD reaches lossless anyway
+    settings = {
+        "device": device,
+        "compute_dtype": compute_dtype,
+        "storage_dtype": storage_dtype,
+        "seed": seed,
+        "max_iter": max_iter,
+        "tol": tol,
+        "stall_tol": stall_tol,
+        "progress": progress,
+        "max_batch_bytes": max_batch_bytes,
+    }
+
+    timings: dict[str, Any] = {}
+    clock = time.perf_counter()
+    sample = sample_modules(shapes, cluster_sample)
+    assignments = cluster_assignments(
+        source, cluster_counts, modules=sample, rank=cluster_rank or max_lora_rank, **settings
+    )
+    timings["clusters"] = time.perf_counter() - clock
+    families = [Family(name, tuple(a)) for name, a in assignments.items()]
+    fitter = CurveFitter(source, families=families, fit_rank=fit_rank, limit=limit, **settings)
+
+    clock = time.perf_counter()
+    pruned: list[str] = []
+    if len(families) > 1 and len(sample) < len(shapes):
+        curves = fitter.curves(sample)
+        share = sum(lossless[m] for m in sample) / sum(lossless.values())
+        kept = _families_used(curves, None if auto else budget_floats * share, target_error, ranks, every)
+        pruned = [f.name for f in families if f.name not in kept]
+        curves = {
+            m: ModuleCurves(c.module, c.d_out, c.d_in, [o for o in c.options if o.family not in pruned])
+            for m, c in curves.items()
         }
-    curve_start = time.perf_counter()
-    curves = planner.curves(limit)
-    curve_seconds = time.perf_counter() - curve_start
+        rest = [m for m in shapes if m not in curves]
+        curves.update(fitter.curves(rest, [f.name for f in families if f.name in kept]))
+        curves = {m: curves[m] for m in sorted(curves)}
+    else:
+        curves = fitter.curves()
+    timings["curves"] = time.perf_counter() - clock
+
     module_counts = [sum(r[i] > 0 for r in ranks.values()) for i in range(N)]
     if auto:
         plan = plan_for_target(curves, float(target_error), module_counts, every=every)
     else:
         plan = optimise(curves, budget_floats)
-    modules, errors = planner.build(plan)
+    clock = time.perf_counter()
+    built = gather_to_rank0(fitter.build(plan))
+    timings["build"] = time.perf_counter() - clock
+    timings["fits"] = fitter.fits
+    if built is None:
+        return None
+    modules: dict[str, ModuleFactors] = {}
+    errors: dict[str, dict[str, float]] = {n: {} for n in names}
+    refine_iterations: dict[str, int] = {}
+    for part_modules, part_errors, part_iterations in built:
+        modules.update(part_modules)
+        for name, values in part_errors.items():
+            errors[name].update(values)
+        refine_iterations.update(part_iterations)
+    modules = dict(sorted(modules.items()))
 
     config = plan_config(plan, assignments, source, list(modules))
-    default_assignment = config.adapter_clusters
-    summary = summarise(errors, {n: int(default_assignment[i]) for i, n in enumerate(names)})
+    summary = summarise(errors, {n: int(config.adapter_clusters[i]) for i, n in enumerate(names)})
     for name, params in zip(names, per_adapter_params(shapes, ranks)):
         summary["per_adapter"][name]["params"] = params
     floats = stored_floats(modules.values())
-    itemsize = dtype_bytes(storage_dtype)
     report = {
         "method": "budget",
         "rank": config.r,
@@ -191,13 +272,25 @@ def compress_with_budget(
         "num_adapters": N,
         "num_modules": len(modules),
         "budget": budget_report(
-            curves, plan, budget, budget_floats, target_error, every, itemsize, assignments, module_counts
+            curves,
+            plan,
+            requested=budget,
+            budget_floats=budget_floats,
+            target_error=target_error,
+            every=every,
+            itemsize=itemsize,
+            assignments=assignments,
+            module_counts=module_counts,
+            fit_rank=fit_rank,
+            cluster_counts=cluster_counts,
+            pruned=pruned,
+            sample=len(sample),
         ),
-        "plan": plan_report(curves, plan),
+        "plan": plan_report(curves, plan, errors, module_counts, refine_iterations),
         **summary,
         **size_report(original_params, original_bytes, floats, storage_dtype),
         "seconds": time.perf_counter() - start,
-        "timings": {"clusters": cluster_seconds, "curves": curve_seconds, "fits": planner.fits},
+        "timings": timings,
         "max_share": max_share,
         "seed": seed,
         "tol": tol,
@@ -208,4 +301,30 @@ def compress_with_budget(
     return Bundle(config=config, modules=modules, report=report)
 
 
-__all__ = ["DEFAULT_CLUSTER_COUNTS", "cluster_assignments", "compress_with_budget"]
+def _families_used(
+    curves: dict[str, ModuleCurves],
+    budget_floats: Optional[float],
+    target_error: Optional[float],
+    ranks: dict[str, list[int]],
+    every: bool,
+) -> set[str]:
+    """The families the plan of these (sampled) modules uses, at their share of the budget or for the target; one
+    shared basis is always kept (it carries the exact baseline)."""
+    if budget_floats is None:
+        N = len(next(iter(ranks.values())))
+        counts = [sum(ranks[m][i] > 0 for m in curves) for i in range(N)]  # per adapter, over the sampled modules
+        plan = plan_for_target(curves, float(target_error), counts, every=every)
+    else:
+        floor = sum(min(o.floats for o in c.options) for c in curves.values())
+        plan = optimise(curves, max(budget_floats, floor))
+    return {o.family for o in plan.values()} | {"jd1"}
+
+
+__all__ = [
+    "DEFAULT_CLUSTER_COUNTS",
+    "DEFAULT_CLUSTER_SAMPLE",
+    "anchor_rank",
+    "cluster_assignments",
+    "compress_with_budget",
+    "sample_modules",
+]

@@ -16,14 +16,24 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 BudgetLike = Union[int, float, str]
+
+# What `jdlora-convert` builds when given no size or shape option: a budget plan of the size of `compress(rank=16)`
+# (one shared basis of rank 16, the fixed default before plans) that weighs per-adapter SVD against one shared basis
+# on every module. No cluster search, so that it stays within about twice the time of that fixed-rank bundle.
+DEFAULT_BUDGET = "r16"
+DEFAULT_PLAN_CLUSTER_COUNTS: tuple[int, ...] = ()
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30})
 _BUDGET_RE = re.compile(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)(x|[kmg]i?b|[kmg]|b)?")
-BUDGET_FORMS = "a number of bytes (e.g. 4000000, 4MB, 4MiB) or a ratio like '16x'"
+_RANK_BUDGET_RE = re.compile(r"r(?:ank)?([0-9]+)")
+BUDGET_FORMS = (
+    "a number of bytes (e.g. 4000000, 4MB, 4MiB), a ratio like '16x', or 'r16' (the size of one shared basis of "
+    "rank 16)"
+)
 
 
 def module_floats(d_out: int, d_in: int, num_adapters: int, rank: int, num_clusters: int, sigma: str) -> int:
@@ -73,8 +83,9 @@ def bundle_floats(bundle: Any) -> int:
 
 
 def parse_budget(budget: BudgetLike) -> tuple[str, float]:
-    """("bytes", n) or ("ratio", x) from a budget: an int (bytes), "123456", "1.5MB", "2MiB", or a compression ratio
-    "16x" (the bundle is 16 times smaller than the source adapters)."""
+    """("bytes", n), ("ratio", x) or ("rank", r) from a budget: an int (bytes), "123456", "1.5MB", "2MiB", a
+    compression ratio "16x" (the bundle is 16 times smaller than the source adapters), or "r16" / "rank16" (the size
+    of the bundle `compress(rank=16)` builds: one shared basis of rank 16 with full Σ, per-module caps included)."""
     if isinstance(budget, bool):
         raise ValueError(f"budget must be {BUDGET_FORMS}, got {budget!r}.")
     if isinstance(budget, (int, float)):
@@ -82,6 +93,11 @@ def parse_budget(budget: BudgetLike) -> tuple[str, float]:
             raise ValueError(f"budget must be a positive number of bytes, got {budget!r}.")
         return "bytes", float(budget)
     text = str(budget).strip().lower().replace(" ", "")
+    rank = _RANK_BUDGET_RE.fullmatch(text)
+    if rank:
+        if int(rank.group(1)) < 1:
+            raise ValueError(f"a rank budget must be at least r1, got {budget!r}.")
+        return "rank", float(rank.group(1))
     match = _BUDGET_RE.fullmatch(text)
     if not match:
         raise ValueError(f"budget must be {BUDGET_FORMS}, got {budget!r}.")
@@ -93,10 +109,21 @@ def parse_budget(budget: BudgetLike) -> tuple[str, float]:
     return "bytes", value * _UNITS[unit]
 
 
-def budget_to_floats(budget: BudgetLike, original_bytes: int, storage_dtype: Any) -> int:
+def budget_to_floats(
+    budget: BudgetLike,
+    original_bytes: int,
+    storage_dtype: Any,
+    shapes: Optional[Mapping[str, tuple[int, int]]] = None,
+    ranks: Optional[Mapping[str, Sequence[int]]] = None,
+) -> int:
     """The budget as a number of stored elements: a ratio divides the source's bytes, bytes are counted in
-    `storage_dtype` (a torch dtype, or its size in bytes)."""
+    `storage_dtype` (a torch dtype, or its size in bytes), and a rank budget ("r16") is the element count of that
+    one-basis bundle, which needs the collection's `shapes` and `ranks` (see `uniform_floats`)."""
     kind, value = parse_budget(budget)
+    if kind == "rank":
+        if shapes is None or ranks is None:
+            raise ValueError(f"a rank budget ({budget!r}) needs the collection's shapes and ranks.")
+        return uniform_floats(shapes, ranks, "jd", int(value))
     itemsize = storage_dtype if isinstance(storage_dtype, int) else storage_dtype.itemsize
     nbytes = original_bytes / value if kind == "ratio" else value
     return int(nbytes // itemsize)
@@ -104,6 +131,8 @@ def budget_to_floats(budget: BudgetLike, original_bytes: int, storage_dtype: Any
 
 __all__ = [
     "BUDGET_FORMS",
+    "DEFAULT_BUDGET",
+    "DEFAULT_PLAN_CLUSTER_COUNTS",
     "BudgetLike",
     "budget_to_floats",
     "bundle_floats",

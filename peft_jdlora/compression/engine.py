@@ -117,6 +117,35 @@ class AdapterSource(FactorSource):
         return A, B
 
 
+class ModuleSubset(FactorSource):
+    """Some modules of another source (all its adapters), e.g. the sample a budget plan chooses its clusters on."""
+
+    def __init__(self, source: FactorSource, modules: Sequence[str]):
+        wanted = set(modules)
+        self.source = source
+        self._shapes = {m: s for m, s in source.shapes().items() if m in wanted}
+        missing = sorted(wanted - set(self._shapes))
+        if missing:
+            raise KeyError(f"modules {missing} are not in the source.")
+        self._ranks = {m: r for m, r in source.ranks().items() if m in wanted}
+        self.names = list(source.names)
+        self.base_model, self.fan_in_fan_out, self.task_type = (
+            source.base_model,
+            source.fan_in_fan_out,
+            source.task_type,
+        )
+        self.sources, self.dtype = list(source.sources), source.dtype
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return dict(self._shapes)
+
+    def ranks(self) -> dict[str, list[int]]:
+        return {m: list(r) for m, r in self._ranks.items()}
+
+    def load(self, modules: Sequence[str], rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.source.load(modules, rank, dtype)
+
+
 # ------------------------------------------------------------------------------------------------ plan
 
 
@@ -218,6 +247,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return buffer.cpu()
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Objects of all processes, in rank order, on every process; [obj] without torch.distributed."""
+    _, world = dist_info()
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def gather_to_rank0(obj: Any) -> Optional[list[Any]]:
     """Objects of all processes on rank 0 (None elsewhere); [obj] without torch.distributed."""
     rank, world = dist_info()
@@ -255,6 +296,9 @@ class EngineResult:
     cluster_passes: int = 0
     cluster_search: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    # {clusters asked for: the compact assignment after alternating with that many} on the way to `clusters=k`:
+    # the assignment `run(clusters=c)` returns for every c ≤ k (they start alike), from one run.
+    assignments_by_count: dict[int, list[int]] = field(default_factory=dict)
 
 
 class Engine:
@@ -491,7 +535,10 @@ class Engine:
         target_error: Optional[float] = None,
         max_cluster_iter: int = 20,
         max_clusters: Optional[int] = None,
+        assignments_only: bool = False,
     ) -> EngineResult:
+        """Compress (see `compress`). With `assignments_only` (clusters = k > 1), stop once the clusters are chosen:
+        the result has no modules, only the assignments (the budget planner uses them)."""
         start = time.perf_counter()
         N = len(self.names)
         if self.method == "svd":
@@ -507,6 +554,7 @@ class Engine:
         # One basis first (clusters start from it). When it may be the answer, its final cores are computed in the
         # same pass over the data (which may be read from disk).
         single = clusters == "auto" or clusters == 1
+        by_count: dict[int, list[int]] = {1: [0] * N}
         errors, modules, totals = self.fit_pass(assignment, 1, fresh=True, finalize=single)
         keep_assignment, keep = assignment, [0]
         if clusters == "auto":
@@ -533,7 +581,17 @@ class Engine:
                 num_clusters += added
                 errors, assignment, n = self._alternate(errors, assignment, num_clusters, max_cluster_iter)
                 passes += n
+                by_count[num_clusters] = compact(assignment, num_clusters)[0].tolist()
             keep_assignment, keep = compact(assignment, num_clusters)
+            if assignments_only:
+                return EngineResult(
+                    None,
+                    keep_assignment.tolist(),
+                    len(keep),
+                    cluster_passes=passes,
+                    seconds=time.perf_counter() - start,
+                    assignments_by_count=by_count,
+                )
             modules, _ = self.finalize_pass(keep_assignment, keep)
         merged = _merge(gather_to_rank0(modules))
         return EngineResult(
@@ -543,6 +601,7 @@ class Engine:
             cluster_passes=passes,
             cluster_search=search,
             seconds=time.perf_counter() - start,
+            assignments_by_count=by_count,
         )
 
     def _add_clusters(

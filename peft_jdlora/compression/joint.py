@@ -133,6 +133,65 @@ def init_full(
     return U, V
 
 
+def _without(basis: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Y − basis·(basisᵀ Y): the part of Y [M, d, p] outside the span of an orthonormal basis [M, d, k]."""
+    return Y - basis @ (basis.mT @ Y)
+
+
+def extend_bases(
+    batch: CanonicalBatch,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    extra: int,
+    generators: list[torch.Generator],
+    oversample: int = 8,
+    power_iters: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases U [M, d_out, k], V [M, d_in, k] followed by `extra` directions each: the leading subspaces of
+    what they leave out of the stacked factors, (I − UUᵀ)[B̃_1 … B̃_N] and (I − VVᵀ)[Q_1 diag(s_1) … Q_N diag(s_N)], by
+    the randomised range finder of `init_full`. The first k columns span the given bases. Returns
+    ([M, d_out, k + extra], [M, d_in, k + extra])."""
+    M, d_out, _ = batch.B.shape
+    d_in = batch.Q.shape[1]
+    s_flat = batch.s.reshape(M, -1, 1)  # [M, N·R, 1]
+    dtype, device = batch.B.dtype, batch.B.device
+
+    def omega(d: int) -> torch.Tensor:
+        p = min(d, extra + oversample)
+        draws = [torch.randn(d, p, generator=g, dtype=torch.float64) for g in generators]
+        return torch.stack(draws).to(device=device, dtype=dtype)
+
+    U_extra = top_subspace(
+        lambda X: _without(U, batch.B @ X), lambda Y: batch.B.mT @ _without(U, Y), omega(d_out), extra, power_iters
+    )
+    V_extra = top_subspace(
+        lambda X: _without(V, batch.Q @ (s_flat * X)),
+        lambda Y: s_flat * (batch.Q.mT @ _without(V, Y)),
+        omega(d_in),
+        extra,
+        power_iters,
+    )
+    # Where nothing is left out (a lossless fit), the new columns are arbitrary: QR keeps them orthonormal and the
+    # first k columns' span unchanged.
+    return orth(torch.cat([U, U_extra], dim=-1)), orth(torch.cat([V, V_extra], dim=-1))
+
+
+def principal_axes(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonal P, Q [M, r, r] with columns in decreasing order of Σ_i ‖S_iᵀ p‖² and Σ_i ‖S_i q‖² for cores
+    S [M, N, r, r]: the eigenvectors of Σ_i S_i S_iᵀ and Σ_i S_iᵀ S_i. Rotating the bases by them puts the directions
+    the cores use most first (and makes the cores as diagonal as one rotation can)."""
+    _, P = torch.linalg.eigh((S @ S.mT).sum(1))
+    _, Q = torch.linalg.eigh((S.mT @ S).sum(1))
+    return P.flip(-1), Q.flip(-1)
+
+
+def prefix_energy(batch: CanonicalBatch, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """[M, N, k] Σ_{a, b < j} (Uᵀ ΔW̃_i V)_{ab}²: what the first j columns of bases U [M, d_out, k], V [M, d_in, k]
+    (orthonormal) keep of every update, for j = 1 … k (1 − the error of the rank-j bundle with projected cores)."""
+    T = projected_cores(batch, U, V).square()  # [M, N, k, k]
+    return T.cumsum(-1).cumsum(-2).diagonal(dim1=-2, dim2=-1)
+
+
 # ------------------------------------------------------------------------------------------------ JD-Full
 
 
@@ -284,14 +343,6 @@ def _als(
     return JointResult(U, V, sigma, iterations, converged, history)
 
 
-def _diag_rotation(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthogonal P, Q [M, r, r] making the cores S [M, N, r, r] as diagonal as one rotation can: the principal
-    axes of Σ_i S_i S_iᵀ and Σ_i S_iᵀ S_i (exact for one adapter, or for cores with shared singular vectors)."""
-    _, P = torch.linalg.eigh((S @ S.mT).sum(1))
-    _, Q = torch.linalg.eigh((S.mT @ S).sum(1))
-    return P.flip(-1), Q.flip(-1)
-
-
 def jd_diag(
     batch: CanonicalBatch,
     U: torch.Tensor,
@@ -316,7 +367,7 @@ def jd_diag(
     energy = batch.energy
     outside = energy.sum(1) - S.square().sum((1, 2, 3))  # [M] error of JD-Full: lost outside the subspaces
     eye = torch.eye(r, dtype=S.dtype, device=S.device)
-    P, Qr = _diag_rotation(S)
+    P, Qr = principal_axes(S)  # exact for one adapter, or for cores with shared singular vectors
 
     def core_error(P: torch.Tensor, Qr: torch.Tensor) -> torch.Tensor:
         diag = (P.mT.unsqueeze(1) @ S @ Qr.unsqueeze(1)).diagonal(dim1=-2, dim2=-1)  # [M, N, r]

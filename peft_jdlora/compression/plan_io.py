@@ -52,50 +52,87 @@ def plan_config(
     )
 
 
-def plan_report(curves: dict[str, ModuleCurves], plan: dict[str, Option]) -> dict[str, Any]:
-    """Per module: the choice, its floats and predicted error, and the baselines' best error within the same floats."""
+def _module_mean(option: Option, present: int) -> float:
+    """The option's error at its module, mean over the adapters that have the module."""
+    return sum(option.errors) / max(present, 1)
+
+
+def _baseline(option: Optional[Option], present: int) -> Optional[dict[str, Any]]:
+    if option is None:
+        return None
+    return {
+        "rank": option.rank,
+        "floats": option.floats,
+        "error": option.error,
+        "mean_error": _module_mean(option, present),
+        "exact": option.exact,
+    }
+
+
+def plan_report(
+    curves: dict[str, ModuleCurves],
+    plan: dict[str, Option],
+    errors: dict[str, dict[str, float]],
+    module_counts: Sequence[int],
+    refine_iterations: dict[str, int],
+) -> dict[str, Any]:
+    """Per module: the choice with its floats, its predicted contribution to the mean error (`error`) and whether that
+    is exact; the stored factors' error at the module (`mean_error`, over the adapters that have it) and contribution
+    (`stored_error`; `errors`: {adapter: {module: error}}); the JD-Full iterations spent refining it; and the best
+    option of per-adapter SVD and of one shared basis within the same floats."""
+    names = list(errors)
+    N = len(names)
     out = {}
     for m, o in plan.items():
+        stored = {i: errors[name][m] for i, name in enumerate(names) if m in errors[name]}
         entry = o.describe()
+        entry["predicted_mean_error"] = _module_mean(o, len(stored))
+        entry["mean_error"] = sum(stored.values()) / max(len(stored), 1)
+        entry["stored_error"] = sum(e / (N * module_counts[i]) for i, e in stored.items())
+        entry["refine_iterations"] = refine_iterations.get(m, 0)
         for family in BASELINE_FAMILIES:
-            base = curves[m].best_within(o.floats, family)
-            entry[f"{family}_same_floats"] = (
-                None if base is None else {"rank": base.rank, "floats": base.floats, "error": base.error}
-            )
+            entry[f"{family}_same_floats"] = _baseline(curves[m].best_within(o.floats, family), len(stored))
         out[m] = entry
     return out
+
+
+def _uniform_summary(plan: Optional[dict[str, Option]]) -> Optional[dict[str, Any]]:
+    if plan is None:
+        return None
+    return {
+        "rank": max(o.rank for o in plan.values()),
+        "floats": plan_floats(plan),
+        "mean_error": plan_error(plan),
+        "exact": all(o.exact for o in plan.values()),
+    }
 
 
 def budget_report(
     curves: dict[str, ModuleCurves],
     plan: dict[str, Option],
-    budget: Any,
+    *,
+    requested: Any,
     budget_floats: Optional[int],
     target_error: Optional[float],
     every: bool,
     itemsize: int,
     assignments: dict[str, list[int]],
     module_counts: Sequence[int],
+    fit_rank: int,
+    cluster_counts: Sequence[int],
+    pruned: Sequence[str],
+    sample: int,
 ) -> dict[str, Any]:
-    """The report's "budget" section: what was asked, what the plan spends and predicts, and the uniform baselines
-    at the same floats."""
+    """The report's "budget" section: what was asked, what the plan spends and predicts, the uniform baselines
+    (per-adapter SVD and one shared basis, one rank everywhere) within the budget (exact: what `compress(rank=…)` and
+    `compress(method="svd", rank=…)` build) and within the plan's floats (from the curves), and how the plan was
+    searched (the fitted rank of one basis, the cluster families, those pruned on the sample)."""
     floats = plan_floats(plan)
-    baselines = {}
-    for family in BASELINE_FAMILIES:
-        base = best_uniform_within(curves, family, floats)
-        baselines[family] = (
-            None
-            if base is None
-            else {
-                "rank": max(o.rank for o in base.values()),
-                "floats": plan_floats(base),
-                "mean_error": plan_error(base),
-            }
-        )
+    bound = floats if budget_floats is None else budget_floats
     predicted = adapter_errors(plan, module_counts)
     kinds = Counter(o.family for o in plan.values())
     return {
-        "requested": budget if not isinstance(budget, float) else float(budget),
+        "requested": requested if not isinstance(requested, float) else float(requested),
         "floats": budget_floats,
         "bytes": None if budget_floats is None else budget_floats * itemsize,
         "target_error": target_error,
@@ -106,10 +143,19 @@ def budget_report(
         "predicted_worst_error": max(predicted, default=0.0),
         "modules_by_family": dict(sorted(kinds.items())),
         "assignments": {k: v for k, v in assignments.items() if k != "jd1"},
-        # Uniform plans at the same floats, from the same curves (JD ranks on the fitted grid).
-        "baselines_same_floats": baselines,
-        "note": "per-adapter SVD errors are exact; JD errors are real fits at each rank of the grid; the bundle's "
-        "reported errors are recomputed on the stored (rounded) factors.",
+        "fit_rank": fit_rank,
+        "cluster_counts": [int(c) for c in cluster_counts],
+        "families_pruned": list(pruned),
+        "cluster_sample_modules": sample,
+        "baselines_within_budget": {
+            f: _uniform_summary(best_uniform_within(curves, f, bound)) for f in BASELINE_FAMILIES
+        },
+        "baselines_same_floats": {
+            f: _uniform_summary(best_uniform_within(curves, f, floats)) for f in BASELINE_FAMILIES
+        },
+        "note": "predicted errors: per-adapter SVD exact, shared bases at the fitted rank exact, other ranks upper "
+        "bounds from nested bases (the stored bundle refines them); the bundle's reported errors are those of the "
+        "stored (rounded) factors.",
     }
 
 

@@ -30,7 +30,9 @@ from typing import Any, Optional
 @dataclass(frozen=True)
 class Option:
     """One way to store a module. `family`: "svd" or "jd<C>" (the assignment it uses); `error`: its contribution to
-    the mean error (Σ_i w_i error_i); `errors`: the adapters' own squared relative errors (0 where absent)."""
+    the mean error (Σ_i w_i error_i); `errors`: the adapters' own squared relative errors (0 where absent; a compact
+    `array("d")` for large collections); `exact`: the errors are those of a finished fit, not an upper bound that
+    building the option can only improve."""
 
     family: str
     rank: int
@@ -38,7 +40,8 @@ class Option:
     sigma: str
     floats: int
     error: float
-    errors: tuple[float, ...] = field(repr=False, compare=False)
+    errors: Sequence[float] = field(repr=False, compare=False)
+    exact: bool = field(default=True, compare=False)
 
     @property
     def kind(self) -> str:
@@ -53,6 +56,7 @@ class Option:
             "sigma_type": self.sigma,
             "floats": self.floats,
             "error": self.error,
+            "exact": self.exact,
         }
 
 

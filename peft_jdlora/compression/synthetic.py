@@ -5,6 +5,9 @@
     kind="random"    independent Gaussian factors: no shared structure (the error floor of one basis is then about
                      1 − r/(N·r_i))
 
+`decay` < 1 scales the j-th rank component of every adapter by decay**j, so that its spectrum falls off the way the
+spectra of trained LoRAs do (a few directions carry most of the update; per-adapter SVD of low rank is then good).
+
 Factors are drawn per module from a generator seeded with (seed, module name), so any subset of modules can be
 generated alone, in any order, with memory for one batch of modules only: a 500-adapter collection of a 7B model
 (tens of GB as fp32 factors) never has to exist at once.
@@ -35,6 +38,7 @@ class SyntheticSource(FactorSource):
         basis_rank: rank of each hidden basis ("shared", "families").
         families: number of families ("families").
         noise: relative size of the unstructured part added to the factors (0: exactly structured).
+        decay: spectrum fall-off per rank component (1: flat, as drawn).
         seed: seeds everything.
         dtype: dtype the factors are generated in (and the default storage dtype).
     """
@@ -51,9 +55,13 @@ class SyntheticSource(FactorSource):
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         names: Optional[list[str]] = None,
+        decay: float = 1.0,
     ):
         if kind not in ("shared", "families", "random"):
             raise ValueError(f"kind must be 'shared', 'families' or 'random', got {kind!r}.")
+        if not 0 < decay <= 1:
+            raise ValueError(f"decay must be in (0, 1], got {decay!r}.")
+        self.decay = decay
         self._shapes = dict(modules)
         self.lora_ranks = [lora_rank] * num_adapters if isinstance(lora_rank, int) else list(lora_rank)
         if len(self.lora_ranks) != num_adapters:
@@ -89,13 +97,15 @@ class SyntheticSource(FactorSource):
             noise_b = torch.randn(d_out, r, generator=g, dtype=self.dtype) / d_out**0.5
             noise_a = torch.randn(r, d_in, generator=g, dtype=self.dtype) / d_in**0.5
             if self.kind == "random":
-                out.append((noise_a, noise_b))
-                continue
-            f = self.family(i)
-            X = torch.randn(k, r, generator=g, dtype=self.dtype) / k**0.5
-            Y = torch.randn(r, k, generator=g, dtype=self.dtype) / k**0.5
-            B = Us[f] @ X + self.noise * noise_b  # [d_out, r]
-            A = Y @ Vs[f].T + self.noise * noise_a  # [r, d_in]
+                B, A = noise_b, noise_a
+            else:
+                f = self.family(i)
+                X = torch.randn(k, r, generator=g, dtype=self.dtype) / k**0.5
+                Y = torch.randn(r, k, generator=g, dtype=self.dtype) / k**0.5
+                B = Us[f] @ X + self.noise * noise_b  # [d_out, r]
+                A = Y @ Vs[f].T + self.noise * noise_a  # [r, d_in]
+            if self.decay != 1.0:
+                B = B * self.decay ** torch.arange(r, dtype=self.dtype)
             out.append((A, B))
         return out
 
