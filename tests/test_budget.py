@@ -538,3 +538,109 @@ def test_engine_gives_every_smaller_cluster_count_on_the_way():
     assert found.modules is None
     for k in (2, 3):
         assert found.assignments_by_count[k] == Engine(source, **settings).run(clusters=k).assignment
+
+
+def test_cli_default_is_a_budget_plan_and_fixed_shapes_keep_their_meaning(tmp_path, capsys):
+    import json
+
+    from jdlora_hub.cli import main
+
+    base = tiny_llama()
+    save_base_model(base, tmp_path / "base")
+    folders = {
+        f"t{i}": make_lora_adapter(base, tmp_path / "src" / f"t{i}", seed=60 + i, r=4, base_model_name="tiny")
+        for i in range(4)
+    }
+    sources = [str(f) for f in folders.values()]
+    common = ["--no-base-check", "--quiet", "--json"]
+    assert main(["convert", *sources, "--out", str(tmp_path / "default"), *common]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    report = load_bundle(tmp_path / "default").report
+    assert report["method"] == summary["method"] == "budget"
+    assert report["budget"]["requested"] == DEFAULT_BUDGET and report["budget"]["cluster_counts"] == []
+    assert summary["budget_plan"]["baselines"]["jd1"]["rank"] == 16
+    # The same size as --rank 16, and never worse than it.
+    assert main(["convert", *sources, "--out", str(tmp_path / "r16"), "--rank", "16", *common]) == 0
+    capsys.readouterr()
+    r16 = load_bundle(tmp_path / "r16").report
+    assert r16["method"] == "jd-full" and r16["rank"] == 16
+    assert report["params"]["bundle"] <= r16["params"]["bundle"] == report["budget"]["floats"]
+    assert report["overall"]["mean_error"] <= r16["overall"]["mean_error"] + 1e-6  # float32: lossless at 1e-7
+    # --method, --sigma and --clusters alone keep today's fixed shapes (rank 16).
+    for option, method in (
+        (["--method", "svd"], "svd"),
+        (["--sigma", "diag"], "jd-diag"),
+        (["--clusters", "2"], "jd-full"),
+    ):
+        out = tmp_path / method / option[0].strip("-")
+        assert main(["convert", *sources, "--out", str(out), *option, *common]) == 0
+        capsys.readouterr()
+        assert load_bundle(out).report["method"] == method
+    # The card and `jdlora inspect` explain the plan per module, with the baselines at the same floats.
+    card = (tmp_path / "default" / "README.md").read_text()
+    assert "## Budget plan" in card and "r16: the size of one shared basis of rank 16" in card
+    assert main(["inspect", str(tmp_path / "default")]) == 0
+    printed = capsys.readouterr().out
+    assert "plan:" in printed and "within the budget: per-adapter SVD" in printed
+    for module in report["plan"]:
+        assert module in printed and module in card
+    assert main(["inspect", str(tmp_path / "default"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["plan"]
+    assert [r["module"] for r in rows] == list(report["plan"])
+    # The default bundle serves through PEFT like its exported LoRAs (and through the kernels).
+    names = list(folders)
+    exported = {}
+    for name in names:
+        exported[name] = tmp_path / "export" / name
+        export_lora(load_bundle(tmp_path / "default"), name, exported[name])
+    model = _bundle_model(tmp_path / "base", tmp_path / "default")
+    lora = _peft_lora(tmp_path / "base", exported)
+    with torch.no_grad():
+        mixed = model(input_ids=IDS, adapter_ids=names).logits
+        expected = lora(input_ids=IDS, adapter_names=names).logits
+    torch.testing.assert_close(mixed, expected, atol=1e-4, rtol=1e-4)
+    if ops.triton_available(torch.device("cpu")):
+        ops.set_backend("triton")
+        try:
+            with torch.no_grad():
+                kernels = model(input_ids=IDS, adapter_ids=names).logits
+        finally:
+            ops.set_backend("auto")
+        torch.testing.assert_close(kernels, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_refit_of_a_plan_plans_again(tmp_path, capsys):
+    from jdlora_hub.cli import main
+
+    base = tiny_llama()
+    save_base_model(base, tmp_path / "base")
+    sources = [
+        str(make_lora_adapter(base, tmp_path / "src" / f"t{i}", seed=80 + i, r=4, base_model_name="tiny"))
+        for i in range(4)
+    ]
+    common = ["--no-base-check", "--quiet"]
+    assert main(["convert", *sources[:3], "--out", str(tmp_path / "b"), "--budget", "3x", *common]) == 0
+    assert main(["add", str(tmp_path / "b"), sources[3], "--refit", "--out", str(tmp_path / "refit"), *common]) == 0
+    report = load_bundle(tmp_path / "refit").report
+    assert report["method"] == "budget" and report["budget"]["requested"] == "3x" and report["num_adapters"] == 4
+    assert report["budget"]["cluster_counts"] == [2, 4]
+    # A shape given with --refit is a fixed-rank refit.
+    argv = ["add", str(tmp_path / "b"), sources[3], "--refit", "--rank", "4", "--out", str(tmp_path / "r4"), *common]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert load_bundle(tmp_path / "r4").report["method"] == "jd-full"
+
+
+def test_cli_checks_budget_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from jdlora_hub.cli import main\n"
+        f"code = main(['convert', {str(tmp_path)!r}, '--out', {str(tmp_path / 'out')!r}, '--budget', '16y'])\n"
+        "print(code, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert "--budget" in done.stderr and "r16" in done.stderr

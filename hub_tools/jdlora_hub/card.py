@@ -121,7 +121,37 @@ def bundle_summary(config: Any, report: Optional[dict[str, Any]]) -> dict[str, A
         "device": report.get("device"),
         "verification": report.get("verification"),
         "svd_baseline": report.get("svd_baseline"),
+        "budget_plan": _plan_summary(report),
     }
+
+
+def _plan_summary(report: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """A budget plan in brief (None for fixed-rank bundles): what was asked, the modules by kind, and the uniform
+    baselines within the budget."""
+    budget = report.get("budget")
+    if report.get("method") != "budget" or not budget:
+        return None
+    return {
+        "requested": describe_plan_request(budget),
+        "modules_by_family": budget.get("modules_by_family"),
+        "plan_floats": budget.get("plan_floats"),
+        "baselines": budget.get("baselines_within_budget") or budget.get("baselines_same_floats"),
+    }
+
+
+def describe_plan_summary(plan: Optional[dict[str, Any]]) -> Optional[str]:
+    """'r16 (...): svd 30, jd1 30 modules; within the budget: per-adapter SVD r1 0.2347, one shared basis r16 0.44'."""
+    if not plan:
+        return None
+    kinds = ", ".join(f"{k} {v}" for k, v in (plan.get("modules_by_family") or {}).items())
+    names = {"svd": "per-adapter SVD", "jd1": "one shared basis"}
+    baselines = []
+    given = plan.get("baselines") or {}
+    for family in [f for f in ("svd", "jd1") if f in given] + [f for f in given if f not in ("svd", "jd1")]:
+        base = given[family]
+        text = "does not fit" if base is None else f"r{base['rank']} {format_error(base['mean_error'])}"
+        baselines.append(f"{names.get(family, family)} {text}")
+    return f"{plan['requested']}: {kinds} modules; within the budget: {', '.join(baselines)}"
 
 
 def bundle_card(
@@ -258,35 +288,90 @@ def bundle_card(
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
+_BASELINE_NAMES = {"svd": "per-adapter SVD, one rank everywhere", "jd1": "one shared basis, one rank everywhere"}
+
+
+def _same_floats(entry: Optional[dict[str, Any]]) -> str:
+    """'r2: 0.1234' for a module's baseline within the same floats ('≤' marks an upper bound), or 'does not fit'."""
+    if not entry:
+        return "does not fit"
+    error = entry.get("mean_error", entry.get("error"))
+    return f"r{entry['rank']}: {'' if entry.get('exact', True) else '≤ '}{format_error(error)}"
+
+
+def plan_rows(report: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per module of a budget plan (empty otherwise): the choice, the floats it stores, its error (mean over the
+    adapters that have the module), and per-adapter SVD's and one shared basis's best error within the same floats."""
+    rows = []
+    for module, entry in ((report or {}).get("plan") or {}).items():
+        rows.append(
+            {
+                "module": module,
+                "kind": entry["family"] if entry["kind"] == "jd" else "svd",
+                "rank": entry["rank"],
+                "num_clusters": entry["num_clusters"],
+                "sigma_type": entry["sigma_type"],
+                "floats": entry["floats"],
+                "error": entry.get("mean_error", entry["error"]),
+                "svd_same_floats": _same_floats(entry.get("svd_same_floats")),
+                "jd1_same_floats": _same_floats(entry.get("jd1_same_floats")),
+            }
+        )
+    return rows
+
+
+def describe_plan_request(budget: dict[str, Any]) -> str:
+    """How the plan's size was asked for, in words."""
+    requested = budget.get("requested")
+    if requested == "auto":
+        return f"the smallest plan meeting error {budget.get('target_error')} ({budget.get('target')})"
+    if isinstance(requested, str) and requested.lower().startswith("r"):
+        counts = budget.get("cluster_counts")
+        searched = " (per-adapter SVD or one shared basis per module)" if counts == [] else ""
+        return f"{requested}: the size of one shared basis of rank {requested.lstrip('rRank')}{searched}"
+    return str(requested)
+
+
 def budget_plan_lines(report: Optional[dict[str, Any]]) -> list[str]:
-    """The "Budget plan" section of a bundle made with --budget / --target-error: what the planner chose per module
-    and what the uniform baselines would have reached with the same floats (so readers can see the gain)."""
+    """The "Budget plan" section of a bundle made with a budget (the default of jdlora-convert, --budget,
+    --target-error): what the planner chose per module, and what the uniform baselines reach within the same budget
+    and, per module, within the same floats (so readers can see the gain)."""
     budget = (report or {}).get("budget")
     plan = (report or {}).get("plan")
     if not budget or not plan:
         return []
     lines = ["", "## Budget plan", ""]
-    target = f", target error {budget['target_error']} ({budget['target']})" if budget.get("target_error") else ""
     lines.append(
-        f"Requested: {budget.get('requested')}{target}. The plan stores {budget['plan_floats']:,} floats "
-        f"({_format_bytes(budget.get('plan_bytes'))}); module kinds: {budget.get('modules_by_family')}."
+        f"Requested: {describe_plan_request(budget)}. The plan stores {budget['plan_floats']:,} floats "
+        f"({_format_bytes(budget.get('plan_bytes'))}); modules by kind: {budget.get('modules_by_family')}. "
+        "Each module is stored the way that gives the lowest error for its floats: per-adapter SVD (a basis of its "
+        "own per adapter), or shared bases (jd1: one for all adapters; jdC: C clusters)."
     )
+    overall = (report or {}).get("overall", {})
+    baselines = budget.get("baselines_within_budget") or budget.get("baselines_same_floats") or {}
     lines += ["", "| plan | floats | mean error |", "|---|---|---|"]
-    lines.append(f"| this bundle | {budget['plan_floats']:,} | {format_error(budget.get('predicted_mean_error'))} |")
-    names = {"svd": "per-adapter SVD, one rank everywhere", "jd1": "one shared basis, one rank everywhere"}
-    for family, base in (budget.get("baselines_same_floats") or {}).items():
+    lines.append(f"| this bundle | {budget['plan_floats']:,} | {format_error(overall.get('mean_error'))} |")
+    for family in sorted(baselines, key=lambda f: (f not in _BASELINE_NAMES, f != "svd", f)):
+        base = baselines[family]
         if base is None:
-            lines.append(f"| {names.get(family, family)} | does not fit | n/a |")
+            lines.append(f"| {_BASELINE_NAMES.get(family, family)} | does not fit | n/a |")
         else:
             lines.append(
-                f"| {names.get(family, family)} (rank {base['rank']}) | {base['floats']:,} | "
+                f"| {_BASELINE_NAMES.get(family, family)} (rank {base['rank']}) | {base['floats']:,} | "
                 f"{format_error(base['mean_error'])} |"
             )
-    lines += ["", "| module | kind | rank | clusters | Σ | floats | error |", "|---|---|---|---|---|---|---|"]
-    for module, entry in plan.items():
+    lines += [
+        "",
+        "Per module: the error is the mean over the adapters that have the module; the last two columns give the best "
+        "per-adapter SVD and one shared basis within the same floats (≤: an upper bound, not fitted at that rank).",
+        "",
+        "| module | kind | rank | clusters | Σ | floats | error | per-adapter SVD | one shared basis |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in plan_rows(report):
         lines.append(
-            f"| {_cell(module)} | {entry['kind']} | {entry['rank']} | {entry['num_clusters']} | "
-            f"{entry['sigma_type']} | {entry['floats']:,} | {format_error(entry['error'])} |"
+            f"| {_cell(row['module'])} | {row['kind']} | {row['rank']} | {row['num_clusters']} | {row['sigma_type']} | "
+            f"{row['floats']:,} | {format_error(row['error'])} | {row['svd_same_floats']} | {row['jd1_same_floats']} |"
         )
     return lines
 

@@ -80,7 +80,14 @@ def _common_parser() -> argparse.ArgumentParser:
 def _add_compression_args(parser: argparse.ArgumentParser, refit: bool = False) -> None:
     what = " (with --refit; default: the bundle's)" if refit else ""
     group = parser.add_argument_group("compression" + (" (--refit only)" if refit else ""))
-    group.add_argument("--rank", type=_positive_int, help=f"rank r of the shared bases{what or ' (default: 16)'}")
+    group.add_argument(
+        "--rank",
+        type=_positive_int,
+        help=f"rank r of the shared bases{what}"
+        if refit
+        else "rank r of the shared bases (16 when only --sigma, --clusters or --method is given); without any of "
+        "them or --budget, a budget plan of the size of --rank 16 (per-adapter SVD or one shared basis per module)",
+    )
     group.add_argument(
         "--sigma", choices=["full", "diag"], help=f"Σ per adapter: r×r ('full') or r numbers ('diag'){what}"
     )
@@ -98,9 +105,10 @@ def _add_compression_args(parser: argparse.ArgumentParser, refit: bool = False) 
     )
     group.add_argument(
         "--budget",
-        metavar="{BYTES,RATIOx}",
-        help="size of the bundle in bytes (e.g. 4000000, 4MB, 4MiB) or a ratio like 16x (16 times smaller than the "
-        "source adapters): ranks, clusters and per-adapter SVD are chosen per module to minimise the mean error",
+        metavar="{BYTES,RATIOx,rR}",
+        help="size of the bundle in bytes (e.g. 4000000, 4MB, 4MiB), a ratio like 16x (16 times smaller than the "
+        "source adapters) or r32 (the size of --rank 32): ranks, clusters and per-adapter SVD are chosen per module "
+        "to minimise the mean error",
     )
     group.add_argument(
         "--every-adapter",
@@ -332,18 +340,39 @@ def _outputs(args: argparse.Namespace, bundle_ref: Optional[str] = None) -> Any:
     )
 
 
+def _cost_model() -> Any:
+    """`peft_jdlora.compression.cost` (the budget grammar and the default plan), loaded without importing the
+    `peft_jdlora` package, which imports torch: so that a bad --budget fails before seconds of imports."""
+    import importlib.util
+
+    if "peft_jdlora" in sys.modules:
+        from peft_jdlora.compression import cost
+
+        return cost
+    package = importlib.util.find_spec("peft_jdlora")
+    locations = list(package.submodule_search_locations or []) if package else []
+    path = Path(locations[0]) / "compression" / "cost.py" if locations else None
+    if path is None or not path.is_file():  # an unusual install: import it the ordinary way
+        from peft_jdlora.compression import cost
+
+        return cost
+    spec = importlib.util.spec_from_file_location("_jdlora_cost_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _compression(args: argparse.Namespace) -> Any:
     from .pipeline import CompressionOptions
 
     if args.clusters == "auto" and args.target_error is None:
         raise UsageError("--clusters auto chooses the number of clusters from --target-error: give one.")
     budget = getattr(args, "budget", None)
+    cluster_counts = None
     fixed = [f"--{n}" for n in ("rank", "sigma", "clusters", "method") if getattr(args, n, None) is not None]
     if budget is not None:
-        from peft_jdlora.compression.cost import parse_budget
-
         try:
-            parse_budget(budget)
+            _cost_model().parse_budget(budget)
         except ValueError as err:
             raise UsageError(f"--budget: {err}") from None
         if fixed or args.target_error is not None:
@@ -355,10 +384,15 @@ def _compression(args: argparse.Namespace) -> Any:
                 "--clusters auto."
             )
         budget = "auto"
+    elif not fixed and getattr(args, "command", None) == "convert":
+        # No size or shape asked for: a budget plan of the size of --rank 16 (see cost.DEFAULT_BUDGET).
+        cost = _cost_model()
+        budget, cluster_counts = cost.DEFAULT_BUDGET, cost.DEFAULT_PLAN_CLUSTER_COUNTS
     if getattr(args, "every_adapter", False) and budget != "auto":
         raise UsageError("--every-adapter applies to --target-error without --clusters auto.")
     return CompressionOptions(
         budget=budget,
+        cluster_counts=cluster_counts,
         target_error_every=bool(getattr(args, "every_adapter", False)),
         rank=args.rank,
         sigma=args.sigma,
@@ -562,7 +596,7 @@ def budget_hint(summary: dict[str, Any]) -> Optional[str]:
 
 
 def _format_result(result: Any) -> str:
-    from .card import format_error
+    from .card import describe_plan_summary, format_error
 
     lines: list[str] = []
     s = result.summary
@@ -590,6 +624,9 @@ def _format_result(result: Any) -> str:
                 f"error:         mean {format_error(s['mean_error'])}, worst {s.get('worst_adapter')} "
                 f"({format_error(s.get('worst_error'))})"
             )
+        plan = describe_plan_summary(s.get("budget_plan"))
+        if plan:
+            lines.append(f"plan:          {plan}")
         hint = budget_hint(s) if result.command == "convert" else None
         if hint:
             lines.append(f"hint:          {hint}")
@@ -611,6 +648,19 @@ def _format_result(result: Any) -> str:
             lines.append(
                 f"{r['index']:>4}  {r['name']:<28} {r['cluster']:>7}  {format_error(r['mean_error']):>9}  "
                 f"{revision:<10}  {r['source'] or 'n/a'}"
+            )
+    if result.command == "inspect" and result.extra.get("plan"):
+        # Per module of a budget plan: the choice, its floats and error, and the uniform baselines' best error within
+        # the same floats (≤: an upper bound).
+        lines.append("")
+        lines.append(
+            f"{'module':<40} {'kind':>5} {'rank':>4} {'Σ':>4} {'floats':>10} {'error':>9}  "
+            f"{'per-adapter SVD':<16} one shared basis"
+        )
+        for row in result.extra["plan"]:
+            lines.append(
+                f"{row['module']:<40} {row['kind']:>5} {row['rank']:>4} {row['sigma_type']:>4} {row['floats']:>10,} "
+                f"{format_error(row['error']):>9}  {row['svd_same_floats']:<16} {row['jd1_same_floats']}"
             )
     if result.command == "export":
         for r in result.adapters:

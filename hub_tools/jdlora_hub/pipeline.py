@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .card import adapter_rows, bundle_card, bundle_summary, export_card
+from .card import adapter_rows, bundle_card, bundle_summary, export_card, plan_rows
 from .errors import OutputExistsError, SourceError, UsageError, VerificationError
 from .output import refuse_output_over_inputs, staged_bundle_update
 from .push import PushResult, check_push_target, push_bundle
@@ -52,14 +52,16 @@ class CompressionOptions:
     device: Optional[str] = None
     dtype: Optional[str] = None
     seed: int = 0
-    budget: Optional[str] = None  # bytes or "16x" (a budget plan), "auto" (the smallest plan meeting target_error)
+    budget: Optional[str] = None  # bytes, "16x", "r16" (a budget plan); "auto": the smallest plan meeting target_error
     target_error_every: bool = False
+    cluster_counts: Optional[tuple[int, ...]] = None  # cluster counts a budget plan considers (None: the engine's)
 
     def kwargs(self) -> dict[str, Any]:
         out: dict[str, Any] = {"seed": self.seed}
         if self.target_error_every:
             out["target_error_every"] = True
-        for key in ("rank", "sigma", "clusters", "target_error", "method", "max_iter", "tol", "device", "budget"):
+        keys = ("rank", "sigma", "clusters", "target_error", "method", "max_iter", "tol", "device", "budget")
+        for key in (*keys, "cluster_counts"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -409,7 +411,8 @@ def inspect(ref: str, *, revision: Optional[str] = None, progress: bool = True) 
     summary["modules"] = len(bundle.modules)
     summary["parameters"] = sum(f.U.numel() + f.V.numel() + f.sigma.numel() for f in bundle.modules.values())
     summary["tensor_dtype"] = str(next(iter(bundle.modules.values())).U.dtype).removeprefix("torch.")
-    return Result(command="inspect", out=None, adapters=_result_rows(bundle), summary=summary, extra={"bundle": where})
+    extra = {"bundle": where, "plan": plan_rows(bundle.report)}
+    return Result(command="inspect", out=None, adapters=_result_rows(bundle), summary=summary, extra=extra)
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -592,7 +595,11 @@ def add(
             old_sources = _original_sources(bundle, hub)
             old_adapters = _read_adapters(old_sources, progress)
             settings = _bundle_settings(bundle)
-            settings.update({k: v for k, v in (compression or CompressionOptions()).kwargs().items() if v is not None})
+            given = {k: v for k, v in (compression or CompressionOptions()).kwargs().items() if v is not None}
+            if any(k in given for k in ("rank", "sigma", "clusters", "method", "budget", "target_error")):
+                for key in ("budget", "cluster_counts", "target_error", "target_error_every"):  # a new shape asked for
+                    settings.pop(key, None)
+            settings.update(given)
             _check_output_location(output, _source_folders(old_sources))
             new_bundle = compress(old_adapters + new_adapters, progress=progress, **settings)
             _fill_sources(new_bundle, old_adapters + new_adapters)
@@ -618,8 +625,17 @@ def add(
 
 def _bundle_settings(bundle: Any) -> dict[str, Any]:
     """compress() settings that reproduce a bundle's shape (for --refit): the rank asked for (the engine may have
-    capped it per module), Σ type, method, and the number of clusters it ended with."""
+    capped it per module), Σ type, method, and the number of clusters it ended with; for a budget plan, the same
+    budget (or target error) and cluster counts, planned again for the new collection."""
     report = bundle.report or {}
+    plan = report.get("budget") if report.get("method") == "budget" else None
+    if plan and plan.get("requested") is not None:
+        settings = {"budget": plan["requested"]}
+        if plan.get("cluster_counts") is not None:
+            settings["cluster_counts"] = tuple(plan["cluster_counts"])
+        if plan["requested"] == "auto":
+            settings.update(target_error=plan["target_error"], target_error_every=plan.get("target") == "every adapter")
+        return settings
     method = "svd" if report.get("method") == "svd" else "jd"
     settings: dict[str, Any] = {"rank": int(report.get("rank") or bundle.config.r), "method": method}
     if method == "jd":  # per-adapter SVD has one basis per adapter and a diagonal core by construction
