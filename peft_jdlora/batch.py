@@ -180,6 +180,7 @@ class AdapterRouter:
 
     def __init__(self) -> None:
         self.default_slots: dict[str, int] = {}
+        self.checked_bundles: set[str] = set()  # bundles whose values were checked (see `use_adapter_ids`)
         self._call: contextvars.ContextVar[Optional[CallRouting]] = contextvars.ContextVar(
             "jdlora_call_routing", default=None
         )
@@ -189,6 +190,7 @@ class AdapterRouter:
 
     def forget(self, bundle: str) -> None:
         self.default_slots.pop(bundle, None)
+        self.checked_bundles.discard(bundle)
 
     def current(self) -> Optional[CallRouting]:
         """The routing of the call in progress in this thread / task, if any."""
@@ -216,11 +218,12 @@ class AdapterRouter:
 
     def __getstate__(self) -> dict[str, Any]:
         # A context variable cannot be pickled or copied; a copy starts with no call in progress.
-        return {"default_slots": dict(self.default_slots)}
+        return {"default_slots": dict(self.default_slots), "checked_bundles": set(self.checked_bundles)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()
         self.default_slots.update(state["default_slots"])
+        self.checked_bundles.update(state.get("checked_bundles", ()))
 
 
 def check_call_rows(router: AdapterRouter, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:

@@ -350,11 +350,14 @@ def open_call(
     found = batch_rows(args, kwargs or {})
     if found is not None:
         call.check_rows(found[1], found[0])
-    if torch.is_grad_enabled() and getattr(model, "is_activation_checkpointing", False) and model.training:
+    replayed = getattr(router, "replays_routing_in_recompute", False)  # peft_jdlora.enable_activation_checkpointing
+    checkpointing = getattr(model, "is_activation_checkpointing", False) and not replayed
+    if torch.is_grad_enabled() and checkpointing and model.training:
         raise RuntimeError(
             "adapter_ids cannot be combined with gradient checkpointing in training: the layers recomputed during "
-            "backward run after the call has ended and would not see its adapter ids. Train with one adapter per "
-            "batch (set_default_adapter) or disable gradient checkpointing."
+            "backward run after the call has ended and would not see its adapter ids. Enable checkpointing with "
+            "peft_jdlora.enable_activation_checkpointing(model), which replays each call's ids in the recomputation, "
+            "or train with one adapter per batch (set_default_adapter)."
         )
     return call
 
@@ -397,9 +400,23 @@ def use_adapter_ids(
         bundle = loaded[0]
     if bundle not in loaded:
         raise KeyError(f"no bundle named {bundle!r} is loaded; loaded: {loaded}.")
+    _check_values_once(router, holder, bundle)
     call = open_call(holder, router, bundle, adapter_ids, (), batch_kwargs)
     with router.routing(call):
         yield
+
+
+def _check_values_once(router: AdapterRouter, model: nn.Module, bundle: str) -> None:
+    """transformers' `load_adapter` copies a bundle's tensors in with its own loader, past the checks of
+    `JDLoraModel._remap_adapter_state_dict_for_load`: check the values once before the bundle serves a mixed batch."""
+    if bundle in router.checked_bundles:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, JDLoraLayer) and bundle in module.jd_U:
+            for factor in FACTOR_NAMES:
+                if not torch.isfinite(getattr(module, factor)[bundle]).all():
+                    raise BundleFormatError(f"tensor {KEY_PREFIX}{name}.{factor} of bundle {bundle!r}: NaN or inf.")
+    router.checked_bundles.add(bundle)
 
 
 def _checkpoint_key(model_key: str, adapter_name: str) -> str:

@@ -110,6 +110,18 @@ def test_lying_weights_are_refused_by_every_loader(bundle_dir, edit, match):
         load_bundle(bundle_dir)
 
 
+def test_transformers_load_adapter_values_are_checked_before_the_first_mixed_batch(bundle_dir):
+    # transformers' load_adapter copies the tensors in with its own loader: use_adapter_ids checks them once.
+    import peft_jdlora
+
+    edit_weights(bundle_dir, set_value(SIGMA, float("nan")))
+    model = tiny_llama()
+    model.load_adapter(str(bundle_dir), adapter_name="jd")
+    with pytest.raises(BundleFormatError, match=r"v_proj\.jd_sigma of bundle 'jd': NaN or inf"):
+        with peft_jdlora.use_adapter_ids(model, [0, 1, 2]):
+            pass
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
