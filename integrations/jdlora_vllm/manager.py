@@ -194,9 +194,31 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
     # ------------------------------------------------------------------ per step
 
     def _set_adapter_mapping(self, mapping: LoRAMapping) -> None:
-        super()._set_adapter_mapping(mapping)
-        if self.serves_bundles:
-            self.jd_routing.set_token_slots(token_slots_from_mapping(mapping.index_mapping, self.lora_index_to_id))
+        if not self.serves_bundles:
+            return super()._set_adapter_mapping(mapping)
+        self.jd_routing.set_token_slots(token_slots_from_mapping(mapping.index_mapping, self.lora_index_to_id))
+        # vLLM's own LoRA layers (modules no bundle patches, embeddings, lm_head) see bundle-adapter tokens as base
+        # tokens: those layers hold nothing for them, and would otherwise run their per-slot LoRA ops on zeros.
+        super()._set_adapter_mapping(without_bundle_adapters(mapping, self._bundle_adapter_ids()))
+
+    def _bundle_adapter_ids(self) -> frozenset[int]:
+        """vLLM ids of the adapters whose slot points at a bundle adapter."""
+        bundle_slots = (self.jd_routing.slot_adapter >= 0).any(dim=0).tolist()  # [S]
+        return frozenset(
+            lora_id for lora_id, is_bundle in zip(self.lora_index_to_id, bundle_slots) if lora_id and is_bundle
+        )
+
+
+def without_bundle_adapters(mapping: LoRAMapping, bundle_ids: frozenset[int]) -> LoRAMapping:
+    """`mapping` with the tokens and prompts of bundle adapters mapped to no LoRA (id 0)."""
+    if not bundle_ids:
+        return mapping
+    return LoRAMapping(
+        index_mapping=tuple(0 if i in bundle_ids else i for i in mapping.index_mapping),
+        prompt_mapping=tuple(0 if i in bundle_ids else i for i in mapping.prompt_mapping),
+        is_prefill=mapping.is_prefill,
+        type=mapping.type,
+    )
 
 
 class JDWorkerLoRAManager(LRUCacheWorkerLoRAManager):

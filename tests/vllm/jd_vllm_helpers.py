@@ -208,3 +208,9 @@ def save_word_tokenizer(folder: Path) -> Path:
     )
     fast.save_pretrained(folder)
     return folder
+
+
+def punica_token_slots(worker) -> list[int]:
+    """Runs inside a vLLM worker: the per-token LoRA slots vLLM's own LoRA layers saw in the last step."""
+    manager = worker.model_runner.lora_manager._adapter_manager
+    return [int(i) for wrapper in manager.punica_wrapper_mapping.values() for i in wrapper.token_lora_indices.tolist()]

@@ -16,6 +16,7 @@ from jd_vllm_helpers import (
     ALL_LINEAR,
     engine_summary,
     make_bundle,
+    punica_token_slots,
     reference_generations,
     save,
     save_plain_lora,
@@ -141,6 +142,8 @@ def test_more_distinct_adapters_than_max_loras_without_reloading(llm, collection
     got = vllm_generations(llm, prompts, requests, MAX_TOKENS)
     want = reference_generations(collection, prompts, [("big", names[i]) for i in picks] + [None, None], MAX_TOKENS)
     assert got == want
+    # vLLM's own LoRA layers (embeddings, lm_head) saw the bundle rows as base rows: no per-slot LoRA work for them.
+    assert set(llm.collective_rpc(punica_token_slots)[0]) == {-1}
     summary = engine_summary(llm)[0]
     # Every adapter of every bundle is resident; JD layers hold no per-slot LoRA stacks (one-element stand-ins).
     assert summary["sigma_rows"] == {"plan": len(PLAN_NAMES), "half": len(HALF_NAMES), "big": BIG_ADAPTERS}
