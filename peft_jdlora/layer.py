@@ -31,10 +31,14 @@ class JDLoraLayer(BaseTunerLayer):
     jd_sigma:   [N, r, r] or [N, r]   each adapter's core (full or diagonal), LoRA scaling included
     jd_cluster: [N] int64       cluster of each adapter at this module (from the config, not saved), with its host
                                 copy in `jd_cluster_table` (the kernel metadata is built from it)
+    jd_sigma_trained: [r, r] or [r]   Σ of one more adapter being trained in the bundle's basis (slot N, after the
+                                bundle's own; see `peft_jdlora.training`). Kept apart so that it alone requires grad.
     """
 
     adapter_layer_names = ("jd_U", "jd_V", "jd_sigma")
-    other_param_names = ("jd_cluster", "jd_cluster_table", "r", "sigma_type")
+    # jd_sigma_trained is not among adapter_layer_names: PEFT's set_adapter must never make it (or, through it, the
+    # whole bundle) trainable; training.py sets requires_grad itself.
+    other_param_names = ("jd_cluster", "jd_cluster_table", "r", "sigma_type", "jd_sigma_trained")
 
     def __init__(self, base_layer: nn.Module, router: Optional[AdapterRouter] = None, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -43,6 +47,7 @@ class JDLoraLayer(BaseTunerLayer):
         self.jd_U = nn.ParameterDict({})
         self.jd_V = nn.ParameterDict({})
         self.jd_sigma = nn.ParameterDict({})
+        self.jd_sigma_trained = nn.ParameterDict({})
         self.jd_cluster = BufferDict({}, persistent=False)
         self.jd_cluster_table: dict[str, ClusterTable] = {}
         self.jd_router = router if router is not None else AdapterRouter()
@@ -92,6 +97,9 @@ class JDLoraLayer(BaseTunerLayer):
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         U, V, sigma = self.jd_U[adapter_name], self.jd_V[adapter_name], self.jd_sigma[adapter_name]
+        if adapter_name in self.jd_sigma_trained:  # the adapter in training is slot N: [N + 1, r, r] or [N + 1, r]
+            trained = self.jd_sigma_trained[adapter_name]
+            sigma = torch.cat([sigma, trained.to(sigma.dtype).unsqueeze(0)])
         return U, V, sigma, self.jd_cluster[adapter_name].to(U.device)
 
     def get_delta_weight(self, adapter_name: str, slot: int) -> torch.Tensor:
@@ -182,7 +190,7 @@ class Linear(nn.Module, JDLoraLayer):
                 continue
             U, V, sigma, cluster = self._factors(adapter_name)
             needs_grad = torch.is_grad_enabled() and (
-                x.requires_grad or U.requires_grad or V.requires_grad or sigma.requires_grad
+                result.requires_grad or x.requires_grad or U.requires_grad or V.requires_grad or sigma.requires_grad
             )
             slots = self.jd_router.token_slots(adapter_name, x, needs_grad)
             if slots is None:

@@ -258,6 +258,9 @@ class JDLoraModel(BaseTuner):
         if kwargs.get("adapter_names") is not None:
             raise TypeError("JD-LoRA bundles select adapters per row with adapter_ids=..., not adapter_names=.")
         adapter_ids = kwargs.get("adapter_ids")
+        if adapter_ids is None and self.jd_router.current() is not None:  # inside use_adapter_ids: its ids hold
+            yield
+            return
         if adapter_ids is None:
             active = [name for name in self.active_adapters if isinstance(self.peft_config.get(name), JDLoraConfig)]
             slot = self.jd_router.default_slots.get(active[0], -1) if len(active) == 1 else -1
@@ -266,7 +269,8 @@ class JDLoraModel(BaseTuner):
                 return
             call = CallRouting(active[0], None, slot)
         else:
-            call = open_call(self.model, self.jd_router, self._bundle_name(), adapter_ids, args, kwargs)
+            # The rows are checked by the model's pre-hook (every forward) and the generate wrapper, before they run.
+            call = open_call(self.model, self.jd_router, self._bundle_name(), adapter_ids)
         with self.jd_router.routing(call):
             yield
 
@@ -339,15 +343,14 @@ def open_call(
     router: AdapterRouter,
     bundle: str,
     adapter_ids: AdapterIds,
-    args: tuple = (),
-    kwargs: Optional[dict[str, Any]] = None,
+    batch_kwargs: Optional[dict[str, Any]] = None,
 ) -> CallRouting:
-    """The routing of one call with adapter ids, resolved and checked at entry: names, indices and, when the call's
-    arguments show the batch, the row count (one id per row; generate's own expansion is allowed inside generate)."""
+    """The routing of one call with adapter ids, resolved and checked at entry: names, indices and, when
+    `batch_kwargs` hold the batch (`use_adapter_ids(batch_kwargs=...)`), the row count."""
     config = model.peft_config[bundle]
     slots = resolve_adapter_ids(config, adapter_ids)  # [B]
     call = CallRouting(bundle, slots, router.default_slots.get(bundle, -1))
-    found = batch_rows(args, kwargs or {})
+    found = batch_rows((), batch_kwargs or {})
     if found is not None:
         call.check_rows(found[1], found[0])
     replayed = getattr(router, "replays_routing_in_recompute", False)  # peft_jdlora.enable_activation_checkpointing
@@ -401,7 +404,7 @@ def use_adapter_ids(
     if bundle not in loaded:
         raise KeyError(f"no bundle named {bundle!r} is loaded; loaded: {loaded}.")
     _check_values_once(router, holder, bundle)
-    call = open_call(holder, router, bundle, adapter_ids, (), batch_kwargs)
+    call = open_call(holder, router, bundle, adapter_ids, batch_kwargs)
     with router.routing(call):
         yield
 

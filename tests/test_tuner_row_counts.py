@@ -120,3 +120,14 @@ def test_a_layer_called_inside_generate_accepts_only_generates_expansion(model):
         with pytest.raises(ValueError, match="not a multiple"):
             q_proj(torch.randn(4, 3, 64))
         q_proj(torch.randn(2, 3, 64))
+
+
+def test_use_adapter_ids_around_a_peft_model_call_keeps_its_ids(model):
+    # PeftModel's own entry point must not replace the ids of an enclosing use_adapter_ids with the default adapter.
+    model.set_default_adapter("task_03")
+    x, ids = random_ids(3, seed=6), ["task_01", None, 2]
+    with torch.no_grad():
+        expected = model(input_ids=x, adapter_ids=ids).logits
+        with peft_jdlora.use_adapter_ids(model, ids):
+            torch.testing.assert_close(model(input_ids=x).logits, expected, atol=0, rtol=0)
+        assert not torch.allclose(model(input_ids=x).logits, expected)  # the default adapter again
