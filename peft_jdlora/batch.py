@@ -181,6 +181,9 @@ class AdapterRouter:
     def __init__(self) -> None:
         self.default_slots: dict[str, int] = {}
         self.checked_bundles: set[str] = set()  # bundles whose values were checked (see `use_adapter_ids`)
+        # Set by `peft_jdlora.training.enable_activation_checkpointing`: the layers recomputed in backward replay
+        # the routing of the call that ran them, so adapter ids may be used with gradient checkpointing.
+        self.replays_routing_in_recompute = False
         self._call: contextvars.ContextVar[Optional[CallRouting]] = contextvars.ContextVar(
             "jdlora_call_routing", default=None
         )
@@ -218,12 +221,17 @@ class AdapterRouter:
 
     def __getstate__(self) -> dict[str, Any]:
         # A context variable cannot be pickled or copied; a copy starts with no call in progress.
-        return {"default_slots": dict(self.default_slots), "checked_bundles": set(self.checked_bundles)}
+        return {
+            "default_slots": dict(self.default_slots),
+            "checked_bundles": set(self.checked_bundles),
+            "replays_routing_in_recompute": self.replays_routing_in_recompute,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()
         self.default_slots.update(state["default_slots"])
         self.checked_bundles.update(state.get("checked_bundles", ()))
+        self.replays_routing_in_recompute = state.get("replays_routing_in_recompute", False)
 
 
 def check_call_rows(router: AdapterRouter, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
