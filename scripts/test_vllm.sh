@@ -25,4 +25,4 @@ quiet_pip -e ".[vllm-test]"
 python -c "import vllm, peft, transformers, torch; print('vllm', vllm.__version__, '| peft', peft.__version__, '| transformers', transformers.__version__, '| torch', torch.__version__)"
 unset TRITON_INTERPRET  # vLLM on CPU runs the PyTorch path; the kernels' interpreter is for tests/ only
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 VLLM_NO_USAGE_STATS=1 VLLM_DO_NOT_TRACK=1 OMP_NUM_THREADS=1
-python -m pytest -q -p no:cacheprovider tests/vllm "$@"
+python -m pytest -q -p no:cacheprovider tests/vllm_engine "$@"

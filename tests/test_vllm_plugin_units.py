@@ -1,5 +1,5 @@
 """The vLLM plugin's pieces that need no vLLM: settings, the catalog of served names, the per-step routing and the
-version gate (the engine itself is tested in tests/vllm/, in the vLLM virtual environment)."""
+version gate (the engine itself is tested in tests/vllm_engine/, in the vLLM virtual environment)."""
 
 from __future__ import annotations
 
