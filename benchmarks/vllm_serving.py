@@ -49,6 +49,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--distinct", type=int, nargs="+", default=[1, 8, 32, 128])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--lora-rounds", type=int, default=None, help="rounds of the vLLM-LoRA engines (default --rounds)"
+    )
     parser.add_argument("--engines", nargs="+", default=list(ENGINES_DEFAULT))
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of the engine")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one engine in this process
@@ -174,9 +177,11 @@ def _run_engine(args: argparse.Namespace, paths: dict) -> dict:
 
     timed(requests_for(max(args.distinct)) if engine != "base" else requests_for(1))  # warm-up: caches, LoRA loads
     result = {"engine": engine, "start_seconds": round(start_seconds, 2), "by_distinct": {}}
-    for distinct in args.distinct:
+    num_rounds = args.lora_rounds if engine.startswith("lora-") and args.lora_rounds else args.rounds
+    # the base model does not depend on k: one set of rounds
+    for distinct in args.distinct[:1] if engine == "base" else args.distinct:
         rounds = []
-        for _ in range(args.rounds):
+        for _ in range(num_rounds):
             entry = {"tokens_per_s": timed(requests_for(distinct))}
             if engine == "jdlora":
                 entry["base_tokens_per_s"] = timed([None] * args.requests)  # same engine, seconds apart
@@ -202,7 +207,8 @@ def _table(results: dict, args: argparse.Namespace) -> str:
     lines = [
         f"{args.requests} requests x ({args.prompt_tokens} prompt + {args.new_tokens} new tokens), "
         f"{args.layers}-layer SmolLM2-135M-shaped Llama, {args.dtype}, {args.adapters}-adapter bundle r{args.rank} "
-        f"q/v; {args.rounds} rounds, medians; machine: {results['machine']}",
+        f"q/v; {args.rounds} rounds ({args.lora_rounds or args.rounds} for vLLM LoRA), medians; machine: "
+        f"{results['machine']}",
         "",
         "| distinct adapters | base (no LoRA) tok/s | JD bundle tok/s | JD / base, same engine (per round) | "
         + " | ".join(f"vLLM LoRA max_loras={e.split('-')[1]} tok/s" for e in engines if e.startswith("lora-"))
