@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -227,6 +228,10 @@ class JDLoraConfig(PeftConfig):
             raise BundleFormatError(f"adapter_names must be unique; repeated: {dupes}.")
         if any(not name for name in self.adapter_names):
             raise BundleFormatError("adapter_names must be non-empty strings, got an empty name.")
+        for i, name in enumerate(self.adapter_names):
+            # NUL, escape sequences, newlines: no tool can print, route or export such a name faithfully.
+            if any(unicodedata.category(ch) == "Cc" for ch in name):
+                raise BundleFormatError(f"adapter_names[{i}] holds control characters: {name!r}.")
         self._check_assignment("adapter_clusters", self.adapter_clusters, self.num_clusters)
         for module, assignment in self.cluster_pattern.items():
             self._check_assignment(f"cluster_pattern[{module!r}]", assignment, None)

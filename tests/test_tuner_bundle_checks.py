@@ -273,3 +273,9 @@ def test_pickled_weights_are_read_as_tensors_only(bundle_dir, tmp_path):
     with pytest.raises(BundleFormatError, match="cannot be read as tensors"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path / "pickled")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "task\x1b[2J", "two\nlines"])
+def test_adapter_names_with_control_characters_are_refused(name):
+    with pytest.raises(BundleFormatError, match=r"adapter_names\[1\] holds control characters"):
+        JDLoraConfig(target_modules=["q_proj"], adapter_names=["ok", name])
