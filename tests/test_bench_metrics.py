@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    # benchmarks/ is not a package: import its scripts by path, with benchmarks/ on sys.path only while they load (for
-    # their own imports). Left there, it would shadow installed packages for later tests: benchmarks/kernels.py
-    # would hide Hugging Face's `kernels`.
-    saved_path = list(sys.path)
-    saved_modules = set(sys.modules)
-    try:
-        spec = importlib.util.spec_from_file_location(f"jdlora_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved_path
-        for added in set(sys.modules) - saved_modules:
-            origin = getattr(sys.modules[added], "__file__", None) or ""
-            if origin.startswith(str(ROOT / "benchmarks")):
-                del sys.modules[added]
-    return module
-
-
-fidelity = _load("fidelity")
-peers = _load("peers")
+fidelity = load_benchmark("fidelity")
+peers = load_benchmark("peers")
 
 
 def test_exact_match_ignores_surrounding_and_repeated_whitespace_but_not_case():

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from jdlora_hub.testing.adapters import make_lora_adapter, save_base_model
 from peft import PeftModel
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 from huggingface_hub import ModelCard
 from jdlora_hub.testing import LocalHub
 from jdlora_hub.testing.adapters import corrupt_weights, make_lora_adapter, save_base_model

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from huggingface_hub import ModelCard
 from jdlora_hub.cli import build_convert_parser, build_parser, convert_main, main
 from jdlora_hub.errors import ExitCode, SourceError
@@ -28,17 +28,7 @@ from peft_jdlora.bundle import lora_factors
 IDS = torch.tensor([[5, 17, 33, 2, 90, 11], [7, 7, 64, 120, 3, 9], [44, 1, 8, 100, 21, 6]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_process_state():
-    """The commands run in this process: undo what --quiet / --offline switch on for a CLI process."""
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
-
-    environ, bars_disabled = dict(os.environ), are_progress_bars_disabled()
-    yield
-    os.environ.clear()
-    os.environ.update(environ)
-    if not bars_disabled:
-        enable_progress_bars()
+pytestmark = pytest.mark.usefixtures("restore_process_state")  # the commands run in this process
 
 
 @pytest.fixture(scope="module")

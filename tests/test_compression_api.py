@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from helpers import tiny_gpt2, tiny_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from peft_jdlora.bundle import load_bundle, save_bundle
@@ -15,15 +15,6 @@ from peft_jdlora.compression.synthetic import SyntheticSource
 
 F64 = torch.float64
 MODULES = {"layers.0.q_proj": (24, 20), "layers.0.v_proj": (12, 20), "layers.1.q_proj": (24, 20)}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: a second OpenMP thread only adds synchronisation (and spins against other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_lora(path, model_fn=tiny_llama, seed=0, **config):

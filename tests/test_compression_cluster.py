@@ -13,15 +13,6 @@ F64 = torch.float64
 MODULES = {"layers.0.q_proj": (24, 20), "layers.0.v_proj": (12, 20), "layers.1.q_proj": (24, 20)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: a second OpenMP thread only adds synchronisation (and spins against other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def families(num_adapters=9, families=3, noise=0.0, seed=0, basis_rank=4):
     source = SyntheticSource(
         MODULES,

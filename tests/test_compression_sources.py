@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from datetime import datetime
@@ -10,22 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from helpers import edit_adapter_config, tiny_gpt2, tiny_llama
 from peft import IA3Config, LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_jdlora.compression import AdapterReadError, LoraAdapter, check_collection, compress, read_lora_adapter
 from peft_jdlora.compression.sources import pattern_key
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: a second OpenMP thread only adds synchronisation (and spins against other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_lora(path: Path, model=None, seed: int = 0, safe_serialization: bool = True, **config):
@@ -56,13 +46,6 @@ def assert_matches_peft(adapter: LoraAdapter, peft_model) -> None:
     assert sorted(adapter.modules) == sorted(expected)
     for module, delta in expected.items():
         torch.testing.assert_close(adapter.delta_weight(module), delta, atol=1e-6, rtol=1e-5)
-
-
-def edit_config(folder: Path, **changes) -> None:
-    path = folder / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
 
 
 # ------------------------------------------------------------------------------------------------ accepted
@@ -208,7 +191,7 @@ def test_unrepresentable_llama_adapters_are_refused(tmp_path, config, message):
 
 def test_dora_magnitude_tensor_is_refused_even_without_the_flag(tmp_path):
     save_lora(tmp_path / "dora", use_dora=True)
-    edit_config(tmp_path / "dora", use_dora=False)
+    edit_adapter_config(tmp_path / "dora", use_dora=False)
     with pytest.raises(AdapterReadError, match="lora_magnitude_vector"):
         read_lora_adapter(tmp_path / "dora")
 
@@ -221,7 +204,7 @@ def test_trained_base_biases_are_refused(tmp_path):
 
 def test_modules_to_save_tensors_are_refused_even_without_the_config_entry(tmp_path):
     save_lora(tmp_path / "mts", modules_to_save=["lm_head"])
-    edit_config(tmp_path / "mts", modules_to_save=None)
+    edit_adapter_config(tmp_path / "mts", modules_to_save=None)
     with pytest.raises(AdapterReadError, match=re.escape("lm_head.weight")):
         read_lora_adapter(tmp_path / "mts")
 
@@ -263,7 +246,7 @@ def test_other_peft_types_are_refused(tmp_path):
 )
 def test_config_cases_are_refused(tmp_path, changes, message):
     save_lora(tmp_path / "cfg")
-    edit_config(tmp_path / "cfg", **changes)
+    edit_adapter_config(tmp_path / "cfg", **changes)
     with pytest.raises(AdapterReadError, match=message):
         read_lora_adapter(tmp_path / "cfg")
 
@@ -302,8 +285,8 @@ def test_collection_mismatches_are_refused(tmp_path):
     a, b = read_lora_adapter(tmp_path / "a"), read_lora_adapter(tmp_path / "b")
     with pytest.raises(AdapterReadError, match="two adapters are named 'a'"):
         check_collection([a, read_lora_adapter(tmp_path / "b", name="a")])
-    edit_config(tmp_path / "b", base_model_name_or_path="org/other-model")
-    edit_config(tmp_path / "a", base_model_name_or_path="org/model")
+    edit_adapter_config(tmp_path / "b", base_model_name_or_path="org/other-model")
+    edit_adapter_config(tmp_path / "a", base_model_name_or_path="org/model")
     a, b = read_lora_adapter(tmp_path / "a"), read_lora_adapter(tmp_path / "b")
     with pytest.raises(AdapterReadError, match="different base models"):
         compress([a, b], progress=False)

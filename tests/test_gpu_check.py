@@ -10,7 +10,6 @@ in-process at the smallest sizes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import zipfile
@@ -18,29 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str):
-    # benchmarks/ is not a package: import by path, and leave sys.path as it was (benchmarks/kernels.py would hide
-    # Hugging Face's `kernels` library from later tests).
-    saved_path, saved_modules = list(sys.path), set(sys.modules)
-    try:
-        spec = importlib.util.spec_from_file_location(f"jdlora_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up while the classes are made
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved_path
-        for added in set(sys.modules) - saved_modules:
-            origin = getattr(sys.modules[added], "__file__", None) or ""
-            if origin.startswith(str(ROOT / "benchmarks")):
-                del sys.modules[added]
-    return module
-
-
-gc = _load("gpu_check")
+gc = load_benchmark("gpu_check")
 
 
 # ---------------------------------------------------------------------------------------------- packages
@@ -236,14 +218,14 @@ def test_a_failing_or_overrunning_stage_does_not_stop_the_others(tmp_path, monke
 
 def test_the_real_run_commands_ask_for_the_issue_shapes(tmp_path):
     run = gc.Run(gc.parse_args([str(tmp_path / "r")]))
-    bench = _load("kernels")
+    bench = load_benchmark("kernels")
     kernels = bench.parse_args(run.command("kernels")[2:])
     assert kernels.preset == "gpu-check" and (kernels.d_in, kernels.d_out, kernels.rank) == (4096, 4096, 16)
     decode, prefill, distinct = bench.PRESETS["gpu-check"]
     assert set(decode) >= {1, 16, 64, 256} and prefill == (2048,) and distinct == (1, 64, 1000)
     serving = " ".join(run.command("serving"))
     assert "--device cuda --dtype bfloat16 --model llama-4096" in serving and "--resident 64,1000" in serving
-    assert _load("serving").MODEL_SHAPES["llama-4096"]["hidden_size"] == 4096
+    assert load_benchmark("serving").MODEL_SHAPES["llama-4096"]["hidden_size"] == 4096
     assert "--dry-run" not in " ".join(run.command("tests")) + " ".join(run.command("checks"))
     assert sum(s.min_s for s in gc.STAGES) < run.args.time_limit <= 360  # the issue's 6 minutes
 
@@ -252,7 +234,7 @@ def test_the_real_run_commands_ask_for_the_issue_shapes(tmp_path):
 
 
 def test_rehearsal_of_every_torch_stage_feeds_the_summary(tmp_path, monkeypatch):
-    stages = _load("gpu_check_stages")
+    stages = load_benchmark("gpu_check_stages")
     bench = stages.load_kernel_bench()
     probe = stages.smoke(dry_run=True)
     assert all(step["ok"] for step in probe.values()), probe
@@ -275,7 +257,7 @@ def test_rehearsal_of_every_torch_stage_feeds_the_summary(tmp_path, monkeypatch)
     tune = stages.tune(argparse.Namespace(dry_run=True, json=tmp_path / "tune.json", deadline=None))
     assert tune["complete"] and {r["knob"] for r in tune["rows"]} == {"default", "SPLIT_K", "path", "combined"}
 
-    serving = _load("serving")
+    serving = load_benchmark("serving")
     argv = ["serving.py", "--device", "cpu", "--model", "tiny", "--layers", "1", "--batch", "2", "--prompt-len", "3"]
     argv += ["--new-tokens", "1", "--resident", "2", "--repeats", "1", "--threads", "1", "--svd-rank", "0"]
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(tmp_path / "serving.json")])

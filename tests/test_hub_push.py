@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import random_bundle, tiny_llama
+from helpers import random_bundle, tiny_llama
 from huggingface_hub import constants
 from jdlora_hub.cli import main
 from jdlora_hub.errors import ExitCode, HubOperationError, SourceError, UsageError

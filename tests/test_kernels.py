@@ -15,7 +15,7 @@ import pytest
 import torch
 from jdlora_kernels import _utils
 
-from peft_jdlora.ops import reference
+from peft_jdlora import ops
 
 if jk.INTERPRETED:
     DEVICE = torch.device("cpu")
@@ -51,7 +51,7 @@ class Problem:
     def torch_backend(self) -> torch.Tensor:
         """peft-jdlora's PyTorch path in the inputs' dtype (it takes slots and clusters on the inputs' device)."""
         slots, clusters = self.slots.to(self.x.device), self.clusters.to(self.x.device)
-        return reference.jd_lora_delta(self.x, slots, self.U, self.V, self.sigma, clusters)
+        return ops.jd_lora_delta(self.x, slots, self.U, self.V, self.sigma, clusters, backend="torch")
 
 
 def make_slots(pattern: str, T: int, N: int, gen: torch.Generator) -> torch.Tensor:

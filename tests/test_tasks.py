@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import sys
@@ -11,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from helpers import load_benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # jdlora_common, shared with the demo
 
@@ -19,15 +19,7 @@ from jdlora_common import CMUDICT_TASKS, Task, task_splits
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_tasks_module():
-    spec = importlib.util.spec_from_file_location("jdlora_bench_tasks", ROOT / "benchmarks" / "tasks.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tasks = _load_tasks_module()
+tasks = load_benchmark("tasks")
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import random_bundle, tiny_llama
+from helpers import random_bundle, tiny_llama, token_ids
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -22,10 +22,6 @@ def saved_bundle(tmp_path, **kwargs):
     path = tmp_path / "bundle"
     save_bundle(bundle, path)
     return bundle, path
-
-
-def input_ids(batch=3, length=5, seed=0):
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def test_registration_is_idempotent_and_peft_knows_the_type(tmp_path):
@@ -69,8 +65,8 @@ def test_save_and_reload_round_trip_is_exact(tmp_path):
     ids = ["task_04", None, 1]
     with torch.no_grad():
         torch.testing.assert_close(
-            model(input_ids=input_ids(), adapter_ids=ids).logits,
-            again(input_ids=input_ids(), adapter_ids=ids).logits,
+            model(input_ids=token_ids(), adapter_ids=ids).logits,
+            again(input_ids=token_ids(), adapter_ids=ids).logits,
             atol=0,
             rtol=0,
         )
@@ -86,8 +82,8 @@ def test_auto_peft_model_and_device_map(tmp_path):
     plain = PeftModel.from_pretrained(tiny_llama(), tmp_path / "bundle")
     with torch.no_grad():
         torch.testing.assert_close(
-            auto(input_ids=input_ids(), adapter_ids=[0, 1, 2]).logits,
-            plain(input_ids=input_ids(), adapter_ids=[0, 1, 2]).logits,
+            auto(input_ids=token_ids(), adapter_ids=[0, 1, 2]).logits,
+            plain(input_ids=token_ids(), adapter_ids=[0, 1, 2]).logits,
             atol=1e-6,
             rtol=1e-6,
         )
@@ -99,8 +95,8 @@ def test_low_cpu_mem_usage_loading(tmp_path):
     plain = PeftModel.from_pretrained(tiny_llama(), path)
     with torch.no_grad():
         torch.testing.assert_close(
-            fast(input_ids=input_ids(), adapter_ids=[0, 1, 2]).logits,
-            plain(input_ids=input_ids(), adapter_ids=[0, 1, 2]).logits,
+            fast(input_ids=token_ids(), adapter_ids=[0, 1, 2]).logits,
+            plain(input_ids=token_ids(), adapter_ids=[0, 1, 2]).logits,
             atol=0,
             rtol=0,
         )
@@ -126,9 +122,9 @@ def test_bad_adapter_ids_fail_before_any_compute(tmp_path, bad_ids, error, match
     model.get_base_model().model.embed_tokens.register_forward_hook(lambda *args: calls.append(1))
     with pytest.raises(error, match=match):
         if call == "forward":
-            model(input_ids=input_ids(), adapter_ids=bad_ids)
+            model(input_ids=token_ids(), adapter_ids=bad_ids)
         else:
-            model.generate(input_ids=input_ids(), adapter_ids=bad_ids, max_new_tokens=2)
+            model.generate(input_ids=token_ids(), adapter_ids=bad_ids, max_new_tokens=2)
     assert calls == []
 
 
@@ -144,7 +140,7 @@ def test_hooks_are_removed_when_the_call_raises(tmp_path):
     assert model.base_model.jd_router.current() is None  # the failed call's routing ended with it
     with torch.no_grad():  # the next call without ids is the base model again, not the failed call's adapters
         torch.testing.assert_close(
-            model(input_ids=input_ids()).logits, tiny_llama()(input_ids=input_ids()).logits, atol=0, rtol=0
+            model(input_ids=token_ids()).logits, tiny_llama()(input_ids=token_ids()).logits, atol=0, rtol=0
         )
 
 
@@ -160,7 +156,7 @@ def test_adapter_names_argument_is_refused_with_a_pointer_to_adapter_ids(tmp_pat
     _, path = saved_bundle(tmp_path)
     model = PeftModel.from_pretrained(tiny_llama(), path)
     with pytest.raises(TypeError, match="adapter_ids"):
-        model(input_ids=input_ids(), adapter_names=["task_00"] * 3)
+        model(input_ids=token_ids(), adapter_names=["task_00"] * 3)
 
 
 def test_adapter_ids_are_refused_by_models_without_a_bundle(tmp_path):
@@ -204,10 +200,10 @@ def test_merge_and_unload_one_adapter(tmp_path):
     _, path = saved_bundle(tmp_path, num_clusters=2)
     model = PeftModel.from_pretrained(tiny_llama(), path)
     with torch.no_grad():
-        expected = model(input_ids=input_ids(), adapter_ids=["task_03"] * 3).logits
+        expected = model(input_ids=token_ids(), adapter_ids=["task_03"] * 3).logits
         merged = model.merge_and_unload(adapter="task_03")
         assert not any(isinstance(m, JDLoraLayer) for m in merged.modules())
-        torch.testing.assert_close(merged(input_ids=input_ids()).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged(input_ids=token_ids()).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_merge_unmerge_restores_weights_and_blocks_mixed_batches(tmp_path):
@@ -217,11 +213,11 @@ def test_merge_unmerge_restores_weights_and_blocks_mixed_batches(tmp_path):
     with pytest.raises(ValueError, match="no adapter selected to merge"):
         model.merge_adapter()
     with torch.no_grad():
-        expected = model(input_ids=input_ids(), adapter_ids=[2, 2, 2]).logits
+        expected = model(input_ids=token_ids(), adapter_ids=[2, 2, 2]).logits
         model.base_model.merge_adapter(adapter=2)
-        torch.testing.assert_close(model(input_ids=input_ids()).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(input_ids=token_ids()).logits, expected, atol=1e-5, rtol=1e-5)
         with pytest.raises(RuntimeError, match="unmerge"):
-            model(input_ids=input_ids(), adapter_ids=[0, 1, 2])
+            model(input_ids=token_ids(), adapter_ids=[0, 1, 2])
         model.unmerge_adapter()
     restored = model.get_base_model().state_dict()
     for key, weight in original.items():
@@ -237,8 +233,8 @@ def test_export_adapter_from_model_loads_in_peft_lora(tmp_path):
     lora = PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora")
     with torch.no_grad():
         torch.testing.assert_close(
-            lora(input_ids=input_ids()).logits,
-            model(input_ids=input_ids(), adapter_ids=[1, 1, 1]).logits,
+            lora(input_ids=token_ids()).logits,
+            model(input_ids=token_ids(), adapter_ids=[1, 1, 1]).logits,
             atol=1e-5,
             rtol=1e-5,
         )
@@ -255,8 +251,8 @@ def test_half_precision_models_keep_the_bundle_in_their_dtype(tmp_path, dtype, a
     reference = PeftModel.from_pretrained(tiny_llama(), path)
     ids = [0, None, 4]
     with torch.no_grad():
-        low = model(input_ids=input_ids(), adapter_ids=ids).logits
-        high = reference(input_ids=input_ids(), adapter_ids=ids).logits
+        low = model(input_ids=token_ids(), adapter_ids=ids).logits
+        high = reference(input_ids=token_ids(), adapter_ids=ids).logits
     assert low.dtype == dtype
     torch.testing.assert_close(low.float(), high, atol=atol, rtol=0)
 
@@ -266,7 +262,7 @@ def test_get_peft_model_starts_at_the_base_model_and_trains_sigma(tmp_path):
     model = get_peft_model(tiny_llama(), config)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".jd_" in n for n in trainable)
-    ids = input_ids()
+    ids = token_ids()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, adapter_ids=["a", "b", None]).logits, tiny_llama()(ids).logits)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -295,7 +291,7 @@ def test_two_bundles_on_one_model(tmp_path):
     model.set_adapter("two")
     with torch.no_grad():
         torch.testing.assert_close(
-            model(input_ids=input_ids(), adapter_ids=[1, None, 0]).logits,
-            only_two(input_ids=input_ids(), adapter_ids=[1, None, 0]).logits,
+            model(input_ids=token_ids(), adapter_ids=[1, None, 0]).logits,
+            only_two(input_ids=token_ids(), adapter_ids=[1, None, 0]).logits,
         )
     assert model.base_model.adapter_names() == ["task_00", "task_01"]

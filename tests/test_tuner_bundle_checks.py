@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_bundle, tiny_llama
+from helpers import edit_adapter_config, random_bundle, tiny_llama, token_ids
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -31,10 +31,6 @@ def tiny_qwen2() -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config).eval()
 
 
-def input_ids(batch: int = 3) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, 5), generator=torch.Generator().manual_seed(0))
-
-
 @pytest.fixture
 def bundle_dir(tmp_path):
     path = tmp_path / "bundle"
@@ -46,11 +42,6 @@ def edit_weights(path, edit) -> None:
     weights = load_file(path / "adapter_model.safetensors")
     edit(weights)
     save_file(weights, path / "adapter_model.safetensors")
-
-
-def edit_config(path, **changes) -> None:
-    config_file = path / "adapter_config.json"
-    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **changes}))
 
 
 def injected(model: torch.nn.Module) -> bool:
@@ -140,7 +131,7 @@ def test_what_the_header_shows_is_refused_before_the_model_is_touched(bundle_dir
 
 def test_a_huge_rank_is_refused_before_allocating(bundle_dir):
     # Σ alone would be 5 x 10^6 x 10^6 floats: the refusal can only be this fast if nothing was allocated.
-    edit_config(bundle_dir, r=10**6)
+    edit_adapter_config(bundle_dir, r=10**6)
     base = tiny_llama()
     start = time.perf_counter()
     with pytest.raises(BundleFormatError, match=r"jd_U has shape \(1, 64, 4\), the config implies \(1, 64, 1000000\)"):
@@ -224,7 +215,7 @@ def test_a_bundle_without_the_recorded_type_still_loads(tmp_path):
     ],
 )
 def test_config_fields_of_the_wrong_type_name_the_field(bundle_dir, changes, match):
-    edit_config(bundle_dir, **changes)
+    edit_adapter_config(bundle_dir, **changes)
     with pytest.raises(BundleFormatError, match=match):
         load_bundle(bundle_dir)
     with pytest.raises(BundleFormatError, match=match):
@@ -256,8 +247,8 @@ def test_pickled_weights_are_read_as_tensors_only(bundle_dir, tmp_path):
     again = PeftModel.from_pretrained(tiny_llama(), tmp_path / "pickled")
     with torch.no_grad():
         torch.testing.assert_close(
-            again(input_ids=input_ids(), adapter_ids=[0, 4, None]).logits,
-            model(input_ids=input_ids(), adapter_ids=[0, 4, None]).logits,
+            again(input_ids=token_ids(), adapter_ids=[0, 4, None]).logits,
+            model(input_ids=token_ids(), adapter_ids=[0, 4, None]).logits,
             atol=0,
             rtol=0,
         )

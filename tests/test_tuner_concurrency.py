@@ -11,17 +11,13 @@ import threading
 
 import pytest
 import torch
-from conftest import random_bundle, tiny_llama
+from helpers import random_bundle, tiny_llama, token_ids
 from peft import PeftModel
 
 import peft_jdlora
 from peft_jdlora import save_bundle
 
 TIMEOUT_S = 60
-
-
-def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture
@@ -76,11 +72,11 @@ def second_layer(peft_model: PeftModel) -> torch.nn.Module:
 
 # Different adapter ids, different batch sizes, calls without ids (the default adapter), base-only rows.
 FORWARD_CALLS = [
-    (random_ids(3, 5, 0), ["task_00", None, 3]),
-    (random_ids(2, 5, 1), None),
-    (random_ids(5, 7, 2), [1, 1, None, 0, "task_03"]),
-    (random_ids(1, 4, 3), [None]),
-    (random_ids(4, 5, 4), torch.tensor([3, 2, 1, 0])),
+    (token_ids(3, 5, 0), ["task_00", None, 3]),
+    (token_ids(2, 5, 1), None),
+    (token_ids(5, 7, 2), [1, 1, None, 0, "task_03"]),
+    (token_ids(1, 4, 3), [None]),
+    (token_ids(4, 5, 4), torch.tensor([3, 2, 1, 0])),
 ]
 
 
@@ -99,7 +95,7 @@ def test_concurrent_forwards_each_get_their_own_adapters(served):
 
 def test_concurrent_calls_of_one_shape_do_not_mix_adapters(served):
     # Same shapes, so nothing can fail on a row count: a shared routing state would silently swap adapters.
-    jobs = [(random_ids(2, 5, 30 + i), ids) for i, ids in enumerate([[None, None], [0, 1], [3, 3], None])]
+    jobs = [(token_ids(2, 5, 30 + i), ids) for i, ids in enumerate([[None, None], [0, 1], [3, 3], None])]
     with torch.no_grad():
         expected = [served(input_ids=x, adapter_ids=ids).logits for x, ids in jobs]
         base = tiny_llama()(input_ids=jobs[0][0]).logits
@@ -118,10 +114,10 @@ def test_concurrent_generates_with_beams_and_different_batches(served):
         )
 
     jobs = [
-        (random_ids(3, 5, 10), ["task_01", None, 0], {}),
-        (random_ids(2, 6, 11), None, {"num_beams": 2}),
-        (random_ids(2, 5, 12), [3, "task_02"], {"num_beams": 3, "num_return_sequences": 2}),
-        (random_ids(4, 4, 13), [None, None, 1, 2], {}),
+        (token_ids(3, 5, 10), ["task_01", None, 0], {}),
+        (token_ids(2, 6, 11), None, {"num_beams": 2}),
+        (token_ids(2, 5, 12), [3, "task_02"], {"num_beams": 3, "num_return_sequences": 2}),
+        (token_ids(4, 4, 13), [None, None, 1, 2], {}),
     ]
     expected = [generate(x, ids, **kw) for x, ids, kw in jobs]
     results = run_overlapping(second_layer(served), [lambda j=j: generate(j[0], j[1], **j[2]) for j in jobs])
@@ -134,7 +130,7 @@ def test_concurrent_use_adapter_ids_on_a_transformers_model(tmp_path):
     save_bundle(bundle, tmp_path / "bundle")
     model = tiny_llama()
     model.load_adapter(str(tmp_path / "bundle"), adapter_name="jd")
-    jobs = [(random_ids(2, 5, 20), [2, None]), (random_ids(3, 5, 21), [0, 1, 2]), (random_ids(1, 6, 22), [1])]
+    jobs = [(token_ids(2, 5, 20), [2, None]), (token_ids(3, 5, 21), [0, 1, 2]), (token_ids(1, 6, 22), [1])]
 
     def forward(x, ids):
         with peft_jdlora.use_adapter_ids(model, ids):

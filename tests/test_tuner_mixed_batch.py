@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_bundle, tiny_gpt2, tiny_llama
+from helpers import random_bundle, tiny_gpt2, tiny_llama, token_ids
 from peft import PeftModel
 from transformers import GenerationConfig
 
@@ -40,10 +40,6 @@ def peft_names(bundle, slots):
     return [bundle.config.adapter_names[s] if s >= 0 else "__base__" for s in slots]
 
 
-def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("sigma_type", ["full", "diag"])
 @pytest.mark.parametrize("num_clusters", [1, 3])
 def test_llama_mixed_batch_equals_single_runs_and_peft_lora(tmp_path, sigma_type, num_clusters):
@@ -51,7 +47,7 @@ def test_llama_mixed_batch_equals_single_runs_and_peft_lora(tmp_path, sigma_type
     model = load_jd(tiny_llama, bundle, tmp_path)
     lora = load_peft_lora(tiny_llama, bundle, tmp_path)
     base = tiny_llama()
-    input_ids = random_ids(len(IDS), 9)
+    input_ids = token_ids(len(IDS), 9)
     with torch.no_grad():
         mixed = model(input_ids=input_ids, adapter_ids=IDS).logits
         for row, adapter in enumerate(IDS):
@@ -74,7 +70,7 @@ def test_gather_path_for_many_clusters_matches_peft_lora(tmp_path, monkeypatch):
     bundle = random_bundle(tiny_llama(), num_adapters=4, r=3, num_clusters=4)
     model = load_jd(tiny_llama, bundle, tmp_path)
     lora = load_peft_lora(tiny_llama, bundle, tmp_path)
-    input_ids = random_ids(len(IDS), 5)
+    input_ids = token_ids(len(IDS), 5)
     with torch.no_grad():
         mixed = model(input_ids=input_ids, adapter_ids=IDS).logits
         expected = lora(input_ids=input_ids, adapter_names=peft_names(bundle, SLOTS)).logits
@@ -86,7 +82,7 @@ def test_gpt2_conv1d_mixed_batch_matches_peft_lora(tmp_path):
     assert bundle.config.fan_in_fan_out
     model = load_jd(tiny_gpt2, bundle, tmp_path)
     lora = load_peft_lora(tiny_gpt2, bundle, tmp_path)
-    input_ids = random_ids(len(IDS), 6)
+    input_ids = token_ids(len(IDS), 6)
     with torch.no_grad():
         mixed = model(input_ids=input_ids, adapter_ids=IDS).logits
         expected = lora(input_ids=input_ids, adapter_names=peft_names(bundle, SLOTS)).logits
@@ -100,7 +96,7 @@ def test_adapter_ids_as_tensor_and_numpy_scalars(tmp_path):
 
     bundle = random_bundle(tiny_llama(), num_adapters=4)
     model = load_jd(tiny_llama, bundle, tmp_path)
-    input_ids = random_ids(len(SLOTS), 4)
+    input_ids = token_ids(len(SLOTS), 4)
     with torch.no_grad():
         by_names = model(input_ids=input_ids, adapter_ids=IDS).logits
         by_tensor = model(input_ids=input_ids, adapter_ids=torch.tensor(SLOTS)).logits
@@ -112,7 +108,7 @@ def test_adapter_ids_as_tensor_and_numpy_scalars(tmp_path):
 def test_loss_with_labels_and_padding_on_either_side(tmp_path):
     bundle = random_bundle(tiny_llama(), num_adapters=4)
     model = load_jd(tiny_llama, bundle, tmp_path)
-    input_ids = random_ids(3, 6)
+    input_ids = token_ids(3, 6)
     ids = ["task_00", "task_02", None]
     with torch.no_grad():
         unpadded = [model(input_ids=input_ids[i : i + 1], adapter_ids=[a]).logits[0] for i, a in enumerate(ids)]
@@ -132,7 +128,7 @@ def test_loss_with_labels_and_padding_on_either_side(tmp_path):
 
 
 def _left_padded_batch():
-    input_ids = random_ids(3, 5, seed=3)
+    input_ids = token_ids(3, 5, seed=3)
     input_ids[1, :2] = 0  # row 1 is left padded
     mask = torch.ones_like(input_ids)
     mask[1, :2] = 0
@@ -240,8 +236,8 @@ def test_encoder_decoder_t5_mixed_batch(tmp_path):
     bundle = random_bundle(make_t5(), num_adapters=3, r=4, suffixes=("q", "v"), scale=2.0)
     model = load_jd(make_t5, bundle, tmp_path)
     lora = load_peft_lora(make_t5, bundle, tmp_path)
-    input_ids = random_ids(3, 5) % 96
-    decoder_input_ids = random_ids(3, 4, seed=1) % 96
+    input_ids = token_ids(3, 5) % 96
+    decoder_input_ids = token_ids(3, 4, seed=1) % 96
     ids = ["task_02", None, "task_00"]
     with torch.no_grad():
         ours = model(input_ids=input_ids, decoder_input_ids=decoder_input_ids, adapter_ids=ids).logits
@@ -264,7 +260,7 @@ def test_encoder_decoder_t5_mixed_batch(tmp_path):
 def test_default_adapter_is_used_without_ids(tmp_path):
     bundle = random_bundle(tiny_llama(), num_adapters=3)
     model = load_jd(tiny_llama, bundle, tmp_path)
-    input_ids = random_ids(2, 4)
+    input_ids = token_ids(2, 4)
     with torch.no_grad():
         base_logits = tiny_llama()(input_ids=input_ids).logits
         torch.testing.assert_close(model(input_ids=input_ids).logits, base_logits, atol=0, rtol=0)
@@ -281,7 +277,7 @@ def test_default_adapter_is_used_without_ids(tmp_path):
 def test_default_adapter_from_config(tmp_path):
     bundle = random_bundle(tiny_llama(), num_adapters=3, default_adapter="task_01")
     model = load_jd(tiny_llama, bundle, tmp_path)
-    input_ids = random_ids(2, 4)
+    input_ids = token_ids(2, 4)
     with torch.no_grad():
         torch.testing.assert_close(
             model(input_ids=input_ids).logits, model(input_ids=input_ids, adapter_ids=[1, 1]).logits, atol=0, rtol=0
@@ -294,7 +290,7 @@ def test_use_adapter_ids_with_transformers_load_adapter(tmp_path):
     reference_model = load_jd(tiny_llama, bundle, tmp_path / "ref")
     model = tiny_llama()
     model.load_adapter(str(tmp_path / "bundle"), adapter_name="jd")
-    input_ids = random_ids(3, 5)
+    input_ids = token_ids(3, 5)
     with torch.no_grad():
         with peft_jdlora.use_adapter_ids(model, ["task_02", None, 0]):
             ours = model(input_ids).logits
@@ -322,7 +318,7 @@ def test_per_module_rank_sigma_and_clusters_plan_matches_peft_lora(tmp_path):
     layer = model.get_base_model().model.layers[0].self_attn.v_proj
     assert layer.jd_sigma["default"].shape == (4, 4) and layer.jd_U["default"].shape[0] == 4
     lora = load_peft_lora(tiny_llama, bundle, tmp_path)
-    input_ids = random_ids(len(IDS), 5)
+    input_ids = token_ids(len(IDS), 5)
     with torch.no_grad():
         mixed = model(input_ids=input_ids, adapter_ids=IDS).logits
         expected = lora(input_ids=input_ids, adapter_names=peft_names(bundle, SLOTS)).logits

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_bundle, tiny_gpt2, tiny_llama
+from helpers import random_bundle, tiny_gpt2, tiny_llama, token_ids
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -23,10 +23,6 @@ class MLP(nn.Module):
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         return self.lin1(torch.relu(self.lin0(X)))
-
-
-def input_ids(batch: int = 3, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, 5), generator=torch.Generator().manual_seed(seed))
 
 
 def loaded(tmp_path, **bundle_kwargs) -> PeftModel:
@@ -65,14 +61,14 @@ def test_a_rank_above_the_hidden_size_on_a_transformers_model():
     model = get_peft_model(tiny_llama(), JDLoraConfig(target_modules=["q_proj"], r=80, adapter_names=["a"]))
     assert layer_of(model).jd_U["default"].shape == (1, 64, 80)
     with torch.no_grad():
-        model(input_ids=input_ids(), adapter_ids=["a", None, "a"])
+        model(input_ids=token_ids(), adapter_ids=["a", None, "a"])
 
 
 # ---------------------------------------------------------------------------------------------- init_weights
 
 
 def test_init_weights_false_is_a_random_adapter_that_trains_everywhere():
-    ids = input_ids()
+    ids = token_ids()
     config = JDLoraConfig(target_modules=["q_proj", "v_proj"], r=4, adapter_names=["a", "b"], init_weights=False)
     model = get_peft_model(tiny_llama(), config)
     with torch.no_grad():
@@ -85,7 +81,7 @@ def test_init_weights_false_is_a_random_adapter_that_trains_everywhere():
 
 
 def test_init_weights_true_is_the_identity_and_zeros_are_zeros():
-    ids = input_ids()
+    ids = token_ids()
     identity = get_peft_model(tiny_llama(), JDLoraConfig(target_modules=["q_proj"], r=4, adapter_names=["a"]))
     with torch.no_grad():
         torch.testing.assert_close(identity(input_ids=ids, adapter_ids=["a"] * 3).logits, tiny_llama()(ids).logits)
@@ -102,7 +98,7 @@ def test_init_weights_true_is_the_identity_and_zeros_are_zeros():
 
 def test_merge_takes_the_adapter_explicitly_and_leaves_the_default_alone(tmp_path):
     model = loaded(tmp_path)
-    ids = input_ids()
+    ids = token_ids()
     with torch.no_grad():
         base = model(input_ids=ids).logits  # no default adapter: unlabelled rows are the base model
         as_a = model(input_ids=ids, adapter_ids=["task_01"] * 3).logits
@@ -119,7 +115,7 @@ def test_merge_takes_the_adapter_explicitly_and_leaves_the_default_alone(tmp_pat
 
 def test_merging_without_an_adapter_uses_the_default_one(tmp_path):
     model = loaded(tmp_path, default_adapter="task_02")
-    ids = input_ids()
+    ids = token_ids()
     with torch.no_grad():
         expected = model(input_ids=ids, adapter_ids=[2, 2, 2]).logits
         torch.testing.assert_close(model.merge_and_unload()(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
@@ -130,7 +126,7 @@ def test_merging_into_gpt2_conv1d_layers(tmp_path):
     bundle = random_bundle(tiny_gpt2(), num_adapters=3, suffixes=("c_attn", "c_proj"), num_clusters=2)
     save_bundle(bundle, tmp_path / "gpt2")
     model = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "gpt2").eval()
-    ids = input_ids()
+    ids = token_ids()
     with torch.no_grad():
         expected = model(input_ids=ids, adapter_ids=[2, 2, 2]).logits
         assert (expected - tiny_gpt2()(input_ids=ids).logits).abs().max() > 1e-3
@@ -140,7 +136,7 @@ def test_merging_into_gpt2_conv1d_layers(tmp_path):
 
 def test_disable_adapter_while_merged_is_the_base_model(tmp_path):
     model = loaded(tmp_path)
-    ids = input_ids()
+    ids = token_ids()
     with torch.no_grad():
         base = tiny_llama()(input_ids=ids).logits
         model.base_model.merge_adapter(adapter=1)
@@ -163,7 +159,7 @@ def test_merged_models_refuse_adapter_ids(tmp_path):
     model = loaded(tmp_path)
     model.base_model.merge_adapter(adapter=0)
     with pytest.raises(RuntimeError, match="unmerge_adapter"):
-        model(input_ids=input_ids(), adapter_ids=[0, 1, 2])
+        model(input_ids=token_ids(), adapter_ids=[0, 1, 2])
 
 
 # ---------------------------------------------------------------------------------------------- delete, refuse
@@ -189,11 +185,11 @@ def test_task_types_that_train_a_head_are_refused(task_type):
 def test_adapter_ids_on_a_model_without_a_bundle_are_refused():
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], task_type="CAUSAL_LM"))
     with pytest.raises(TypeError, match=r"adapter_ids selects adapters of a JD-LoRA bundle.*adapter_names"):
-        model(input_ids=input_ids(), adapter_ids=[0, 1, 2])
+        model(input_ids=token_ids(), adapter_ids=[0, 1, 2])
     with pytest.raises(TypeError, match="adapter_ids selects adapters of a JD-LoRA bundle"):
-        model.generate(input_ids=input_ids(), adapter_ids=[0, 1, 2], max_new_tokens=1)
+        model.generate(input_ids=token_ids(), adapter_ids=[0, 1, 2], max_new_tokens=1)
     with torch.no_grad():
-        model(input_ids=input_ids())  # without adapter_ids, nothing changes
+        model(input_ids=token_ids())  # without adapter_ids, nothing changes
 
 
 # ---------------------------------------------------------------------------------------------- in place
@@ -209,8 +205,8 @@ def test_in_place_inference_equals_the_differentiable_path(tmp_path):
         assert layer_of(model).jd_U["default"].dtype == torch.float32
         ids = ["task_03", None, 1]
         with torch.no_grad():
-            in_place = model(input_ids=input_ids(), adapter_ids=ids).logits
-        differentiable = model(input_ids=input_ids(), adapter_ids=ids).logits
+            in_place = model(input_ids=token_ids(), adapter_ids=ids).logits
+        differentiable = model(input_ids=token_ids(), adapter_ids=ids).logits
         assert differentiable.requires_grad
         torch.testing.assert_close(in_place, differentiable.detach(), atol=1e-5, rtol=1e-5)
 
@@ -222,7 +218,7 @@ def test_adapter_ids_with_gradient_checkpointing_in_training_are_refused(tmp_pat
     base = tiny_llama()
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = PeftModel.from_pretrained(base, tmp_path / "b", is_trainable=True).train()
-    ids = input_ids()
+    ids = token_ids()
     with pytest.raises(RuntimeError, match="gradient checkpointing"):
         model(input_ids=ids, labels=ids, adapter_ids=[0, 2, None])
     model.set_default_adapter("task_01")

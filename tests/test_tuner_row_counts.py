@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_bundle, tiny_llama
+from helpers import random_bundle, tiny_llama, token_ids
 from peft import PeftModel
 
 import peft_jdlora
 from peft_jdlora import save_bundle
-
-
-def random_ids(batch: int, length: int = 5, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(params=[None, "CAUSAL_LM"], ids=["PeftModel", "PeftModelForCausalLM"])
@@ -54,7 +50,7 @@ WRONG_COUNTS = [
 def test_forward_refuses_a_wrong_number_of_ids(model, rows, ids):
     calls = count_embedding_calls(model.get_base_model())
     with pytest.raises(ValueError, match=rf"adapter_ids has {len(ids)} entries but input_ids has {rows} rows"):
-        model(input_ids=random_ids(rows), adapter_ids=ids)
+        model(input_ids=token_ids(rows), adapter_ids=ids)
     with pytest.raises(ValueError, match=rf"{len(ids)} entries but inputs_embeds has {rows} rows"):
         model(inputs_embeds=torch.randn(rows, 5, 64), adapter_ids=ids)
     assert calls == []
@@ -66,9 +62,9 @@ def test_generate_refuses_a_wrong_number_of_ids_positional_or_not(model, rows, i
     calls = count_embedding_calls(model.get_base_model())
     kwargs = {"adapter_ids": ids, "max_new_tokens": 2, "num_beams": num_beams, "pad_token_id": 0}
     with pytest.raises(ValueError, match=rf"adapter_ids has {len(ids)} entries but (inputs|input_ids) has {rows} rows"):
-        model.generate(random_ids(rows), **kwargs)
+        model.generate(token_ids(rows), **kwargs)
     with pytest.raises(ValueError, match=rf"adapter_ids has {len(ids)} entries but input_ids has {rows} rows"):
-        model.generate(input_ids=random_ids(rows), **kwargs)
+        model.generate(input_ids=token_ids(rows), **kwargs)
     assert calls == []
 
 
@@ -77,11 +73,11 @@ def test_use_adapter_ids_refuses_a_wrong_number_of_ids(transformers_model, rows,
     calls = count_embedding_calls(transformers_model)
     with peft_jdlora.use_adapter_ids(transformers_model, ids):
         with pytest.raises(ValueError, match=rf"{len(ids)} entries but input_ids has {rows} rows"):
-            transformers_model(random_ids(rows))
+            transformers_model(token_ids(rows))
         with pytest.raises(ValueError, match=rf"{len(ids)} entries but inputs has {rows} rows"):
-            transformers_model.generate(random_ids(rows), max_new_tokens=2, num_beams=2, pad_token_id=0)
+            transformers_model.generate(token_ids(rows), max_new_tokens=2, num_beams=2, pad_token_id=0)
     with pytest.raises(ValueError, match=rf"{len(ids)} entries but input_ids has {rows} rows"):
-        with peft_jdlora.use_adapter_ids(transformers_model, ids, batch_kwargs={"input_ids": random_ids(rows)}):
+        with peft_jdlora.use_adapter_ids(transformers_model, ids, batch_kwargs={"input_ids": token_ids(rows)}):
             pass
     assert calls == []
 
@@ -94,7 +90,7 @@ def test_use_adapter_ids_refuses_a_wrong_number_of_ids(transformers_model, rows,
 def test_generates_own_expansion_maps_to_the_rows_adapter(model, transformers_model, gen_kwargs):
     # The same adapters through PeftModel.generate and through use_adapter_ids + transformers' generate, and
     # against the expansion done by hand (each row repeated k times with its id, greedy / same seed).
-    x, ids = random_ids(3, seed=4), ["task_02", None, 1]
+    x, ids = token_ids(3, seed=4), ["task_02", None, 1]
     common = {"max_new_tokens": 4, "pad_token_id": 0, **gen_kwargs}
     torch.manual_seed(0)
     through_peft = model.generate(input_ids=x, adapter_ids=ids, **common)
@@ -125,7 +121,7 @@ def test_a_layer_called_inside_generate_accepts_only_generates_expansion(model):
 def test_use_adapter_ids_around_a_peft_model_call_keeps_its_ids(model):
     # PeftModel's own entry point must not replace the ids of an enclosing use_adapter_ids with the default adapter.
     model.set_default_adapter("task_03")
-    x, ids = random_ids(3, seed=6), ["task_01", None, 2]
+    x, ids = token_ids(3, seed=6), ["task_01", None, 2]
     with torch.no_grad():
         expected = model(input_ids=x, adapter_ids=ids).logits
         with peft_jdlora.use_adapter_ids(model, ids):
