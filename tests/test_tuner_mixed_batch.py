@@ -10,7 +10,7 @@ from transformers import GenerationConfig
 
 import peft_jdlora
 from peft_jdlora import export_lora, save_bundle
-from peft_jdlora.ops import reference
+from peft_jdlora.ops import torch_backend
 
 IDS = ["task_01", 3, None, "task_00", 2, -1]
 SLOTS = [1, 3, -1, 0, 2, -1]
@@ -65,8 +65,8 @@ def test_llama_mixed_batch_equals_single_runs_and_peft_lora(tmp_path, sigma_type
 
 def test_gather_path_for_many_clusters_matches_peft_lora(tmp_path, monkeypatch):
     # Force the per-token gathered-basis path (used when C·r is large), and chunking over tokens.
-    monkeypatch.setattr(reference, "WIDE_GEMM_MAX_COLUMNS", 1)
-    monkeypatch.setattr(reference, "GATHER_CHUNK_TOKENS", 7)
+    monkeypatch.setattr(torch_backend, "WIDE_GEMM_MAX_COLUMNS", 1)
+    monkeypatch.setattr(torch_backend, "GATHER_CHUNK_TOKENS", 7)
     bundle = random_bundle(tiny_llama(), num_adapters=4, r=3, num_clusters=4)
     model = load_jd(tiny_llama, bundle, tmp_path)
     lora = load_peft_lora(tiny_llama, bundle, tmp_path)

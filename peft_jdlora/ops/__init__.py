@@ -1,13 +1,18 @@
-"""Mixed-adapter JD-LoRA forward: the PyTorch reference and the dispatch to the Triton kernels.
+"""The mixed-adapter JD-LoRA forward: one entry point, two backends.
 
 `add_jd_lora_delta_(out, x, token_slots, U, V, sigma, adapter_cluster)` adds the update of every token into `out` in
 place (what the layers and serving engines call); `jd_lora_delta(...)` returns it as a new, differentiable tensor.
+Both run on one of two backends, chosen once per batch (`choose_backend`):
 
-The backend is chosen once per batch (`choose_backend`):
+- ``"torch"``: plain PyTorch (`torch_backend.py`): any device, differentiable; the CPU serving and training path;
+- ``"triton"``: the Triton kernels of the `jdlora_kernels` package (`add_jd_lora`, `jd_lora_delta` there), inference
+  only (they have no backward).
 
-- ``"auto"`` (default): the Triton kernels for CUDA tensors when `jdlora_kernels` loads and no gradient is needed
-  (the kernels have no backward), the PyTorch reference otherwise;
-- ``"torch"``: always the reference;
+The choice:
+
+- ``"auto"`` (default): the Triton kernels for CUDA tensors when `jdlora_kernels` loads and no gradient is needed,
+  the torch backend otherwise;
+- ``"torch"``: always the torch backend;
 - ``"triton"``: always the kernels; on CPU tensors this needs the Triton interpreter (``TRITON_INTERPRET=1`` set
   before triton is imported), and a call that needs a gradient raises.
 
@@ -27,7 +32,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from . import reference
+from .torch_backend import add_jd_lora_delta_torch_
 
 Backend = Literal["auto", "torch", "triton"]
 _BACKENDS = ("auto", "torch", "triton")
@@ -114,7 +119,7 @@ def choose_backend(device: torch.device, needs_grad: bool = False) -> str:
 
 def kernel_metadata(token_slots: torch.Tensor, adapter_cluster: torch.Tensor, device: torch.device) -> Optional[Any]:
     """Kernel batch metadata for host (CPU) `token_slots` [T] and `adapter_cluster` [N] on `device`, or None when the
-    backend for `device` is the PyTorch reference. Invalid slots raise here, on the host."""
+    backend for `device` is the torch backend. Invalid slots raise here, on the host."""
     if choose_backend(device) != "triton":
         return None
     return kernels_module().JDLoraKernelMeta.from_token_slots(token_slots, adapter_cluster, device=device)
@@ -143,18 +148,18 @@ def add_jd_lora_delta_(
         x:               [T, d_in]       in U's dtype
         token_slots:     [T] int64       slot of each token, -1 = base model (vLLM's token_lora_mapping)
         U:               [C, d_out, r]   V: [C, r, d_in]   sigma: [N, r, r] (full) or [N, r] (diagonal)
-        adapter_cluster: [N] int64       cluster of each slot
+        adapter_cluster: [N] int64       the module's cluster table: the cluster of each slot
 
     `metadata` is the kernel batch metadata of `token_slots` (`kernel_metadata`, built once per batch on the host and
     shared by every layer with the same cluster table); the triton backend builds it here when it is missing, which
-    reads the slots back to the host. `backend` ("torch" or "triton") defaults to `choose_backend`. Not for autograd:
-    use `jd_lora_delta` when gradients must flow.
+    reads the slots back to the host. `backend` ("torch" or "triton") defaults to `choose_backend`. In place, so
+    `out` must not need a gradient: `jd_lora_delta` (a fresh tensor) is the differentiable form.
     """
     if backend is None:
         backend = choose_backend(x.device, _needs_grad(x, U, V, sigma))
     if backend == "triton":
         return kernels_module().jd_lora_delta(x, token_slots, U, V, sigma, adapter_cluster, metadata=metadata, out=out)
-    return reference.add_jd_lora_delta_(out, x, token_slots, U, V, sigma, adapter_cluster)
+    return add_jd_lora_delta_torch_(out, x, token_slots, U, V, sigma, adapter_cluster)
 
 
 def jd_lora_delta(
@@ -172,11 +177,8 @@ def jd_lora_delta(
     Shapes as in `add_jd_lora_delta_` -> [T, d_out] in x's dtype. Differentiable on the torch backend (what
     training uses); the triton backend has no backward.
     """
-    if backend is None:
-        backend = choose_backend(x.device, _needs_grad(x, U, V, sigma))
-    if backend == "triton":
-        return kernels_module().jd_lora_delta(x, token_slots, U, V, sigma, adapter_cluster, metadata=metadata)
-    return reference.jd_lora_delta(x, token_slots, U, V, sigma, adapter_cluster)
+    delta = x.new_zeros(x.shape[0], U.shape[1])  # [T, d_out]
+    return add_jd_lora_delta_(delta, x, token_slots, U, V, sigma, adapter_cluster, metadata, backend)
 
 
 __all__ = [
@@ -186,7 +188,6 @@ __all__ = [
     "jd_lora_delta",
     "kernel_metadata",
     "kernels_module",
-    "reference",
     "set_backend",
     "triton_available",
 ]

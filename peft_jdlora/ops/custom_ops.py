@@ -7,7 +7,7 @@ their model, such as vLLM) can trace through it:
     sigma: [N, r, r] or [N, r]; adapter_cluster: [N] int64  ->  delta: [T, d_out] in x's dtype
 
 The op is functional (it returns a new tensor and mutates nothing) and has a fake implementation for tracing. Its
-real implementation is `peft_jdlora.ops.jd_lora_delta`: the Triton kernels on CUDA, the PyTorch reference otherwise.
+real implementation is `peft_jdlora.ops.jd_lora_delta`: the Triton kernels on CUDA, the torch backend otherwise.
 Kernel metadata built outside the traced forward (once per step, e.g. by a serving engine) is handed to the op with
 `set_step_metadata`, keyed by the storage of the token-slot tensor the forward passes in.
 """
@@ -39,8 +39,9 @@ def _metadata_key(token_slots: torch.Tensor, adapter_cluster: torch.Tensor) -> t
     return (token_slots.data_ptr(), token_slots.numel(), adapter_cluster.data_ptr())
 
 
+# The op is `torch.ops.peft_jdlora.jd_lora_delta`; the Python name says that this object is the op, not the dispatch.
 @torch.library.custom_op(f"{OP_NAMESPACE}::jd_lora_delta", mutates_args=())
-def jd_lora_delta(
+def jd_lora_delta_op(
     x: torch.Tensor,
     token_slots: torch.Tensor,
     U: torch.Tensor,
@@ -54,7 +55,7 @@ def jd_lora_delta(
     return delta.to(x.dtype).contiguous() if delta.data_ptr() != x.data_ptr() else delta.clone()
 
 
-@jd_lora_delta.register_fake
+@jd_lora_delta_op.register_fake
 def _jd_lora_delta_fake(
     x: torch.Tensor,
     token_slots: torch.Tensor,
@@ -68,4 +69,4 @@ def _jd_lora_delta_fake(
     return x.new_empty(x.shape[0], U.shape[1])
 
 
-__all__ = ["OP_NAMESPACE", "clear_step_metadata", "jd_lora_delta", "set_step_metadata"]
+__all__ = ["OP_NAMESPACE", "clear_step_metadata", "jd_lora_delta_op", "set_step_metadata"]

@@ -1,8 +1,8 @@
-"""Plain PyTorch implementation of the mixed-adapter JD-LoRA forward.
+"""The "torch" backend of the mixed-adapter JD-LoRA forward, in plain PyTorch.
 
 For tokens t with adapter slot a(t) (-1 = base model) of cluster c(a):
 
-    delta[t] = U[c] · Σ[a] · (V[c] · x[t])          (0 for base tokens)
+    out[t] += U[c] · Σ[a] · (V[c] · x[t])          (unchanged for base tokens)
 
 Shapes (T tokens, N adapters, C clusters, rank r):
     x:               [T, d_in]
@@ -10,10 +10,11 @@ Shapes (T tokens, N adapters, C clusters, rank r):
     U:               [C, d_out, r]
     V:               [C, r, d_in]
     sigma:           [N, r, r] (full) or [N, r] (diagonal)
-    adapter_cluster: [N]           int64
+    adapter_cluster: [N]           int64, the cluster table
 
-It is batched over adapters (no Python loop over adapters) and never syncs with the device, so it is also the CPU
-serving path. It is the reference the Triton kernels are tested against.
+Batched over adapters (no Python loop over adapters), it never syncs with the device and it is differentiable: it is
+the CPU serving path and the training path. `peft_jdlora.ops` dispatches to it (`backend="torch"`); the Triton
+kernels are tested against it.
 """
 
 from __future__ import annotations
@@ -81,29 +82,7 @@ def apply_sigma(
     return torch.where((token_slots >= 0).unsqueeze(-1), z, 0.0)
 
 
-def _core(
-    x: torch.Tensor, token_slots: torch.Tensor, V: torch.Tensor, sigma: torch.Tensor, adapter_cluster: torch.Tensor
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """z[t] = Σ[a(t)] · V[c(t)] · x[t] ([T, r], 0 for base tokens) and the cluster of every token (None when C = 1)."""
-    slots = token_slots.clamp(min=0)  # [T]
-    token_cluster = adapter_cluster[slots] if V.shape[0] > 1 else None  # [T]
-    return apply_sigma(shrink(x, V, token_cluster), sigma, token_slots, slots), token_cluster
-
-
-def jd_lora_delta(
-    x: torch.Tensor,
-    token_slots: torch.Tensor,
-    U: torch.Tensor,
-    V: torch.Tensor,
-    sigma: torch.Tensor,
-    adapter_cluster: torch.Tensor,
-) -> torch.Tensor:
-    """The JD-LoRA update for every token: [T, d_in] -> [T, d_out] (shapes in the module docstring)."""
-    z, token_cluster = _core(x, token_slots, V, sigma, adapter_cluster)
-    return expand(z, U, token_cluster)
-
-
-def add_jd_lora_delta_(
+def add_jd_lora_delta_torch_(
     out: torch.Tensor,
     x: torch.Tensor,
     token_slots: torch.Tensor,
@@ -112,8 +91,11 @@ def add_jd_lora_delta_(
     sigma: torch.Tensor,
     adapter_cluster: torch.Tensor,
 ) -> torch.Tensor:
-    """out [T, d_out] += the update of every token, in place (into out directly when it has x's dtype)."""
-    z, token_cluster = _core(x, token_slots, V, sigma, adapter_cluster)
+    """out [T, d_out] += the update of every token, in place (into out directly when it has the update's dtype);
+    returns out. Differentiable when `out` itself needs no gradient (a fresh tensor: `ops.jd_lora_delta`)."""
+    slots = token_slots.clamp(min=0)  # [T]
+    token_cluster = adapter_cluster[slots] if V.shape[0] > 1 else None  # [T]
+    z = apply_sigma(shrink(x, V, token_cluster), sigma, token_slots, slots)  # [T, r], 0 for base tokens
     if out.dtype == z.dtype:
         return expand(z, U, token_cluster, out=out)
     return out.add_(expand(z, U, token_cluster).to(out.dtype))
