@@ -33,6 +33,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # what PEFT's save_pretrained(safe_serialization=False) writes
 REPORT_NAME = "jdlora_report.json"
+CARD_NAME = "README.md"
+BUNDLE_FILES = (CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME, CARD_NAME)  # a bundle folder's own files; nothing else is ours
 KEY_PREFIX = "base_model.model."
 FACTOR_NAMES = ("jd_U", "jd_V", "jd_sigma")
 # safetensors dtype names of the floating-point dtypes a bundle may store.

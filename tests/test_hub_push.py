@@ -149,6 +149,17 @@ def with_user_files(bundle_folder, folder, files: dict[str, bytes]):
 BUNDLE_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", "jdlora_report.json"}
 
 
+def test_the_hub_tools_name_the_bundle_files_as_the_library_does():
+    # jdlora_hub keeps its own copy of the names (its commands parse arguments without importing torch).
+    from jdlora_hub import output
+
+    from peft_jdlora import bundle
+
+    for name in ("CONFIG_NAME", "WEIGHTS_NAME", "PICKLED_WEIGHTS_NAME", "REPORT_NAME", "CARD_NAME", "BUNDLE_FILES"):
+        assert getattr(output, name) == getattr(bundle, name), name
+    assert set(output.BUNDLE_FILES) == BUNDLE_FILES
+
+
 def test_push_uploads_only_the_bundle_files(hub, bundle_folder, tmp_path, capsys):
     secret = f"HF_TOKEN={TOKEN}\n".encode()
     folder = with_user_files(

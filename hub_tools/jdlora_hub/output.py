@@ -21,12 +21,16 @@ from typing import Optional, Union
 from .errors import UsageError
 from .signals import held_signals
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-REPORT_FILE = "jdlora_report.json"
-CARD_FILE = "README.md"
+# The file names of a bundle (and of a PEFT adapter folder), as `peft_jdlora.bundle` names them: the tools keep their
+# own copy because the commands parse their arguments without importing torch (tests/test_hub_push.py checks that
+# both agree).
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's save_pretrained(safe_serialization=False): sources only
+REPORT_NAME = "jdlora_report.json"
+CARD_NAME = "README.md"
 # The files a bundle consists of: what `--in-place` replaces and what a push uploads; nothing else in a folder is ours.
-BUNDLE_FILES = (CONFIG_FILE, WEIGHTS_FILE, REPORT_FILE, CARD_FILE)
+BUNDLE_FILES = (CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME, CARD_NAME)
 STAGING_PREFIX = ".jdlora-update.tmp-"
 
 
@@ -90,7 +94,7 @@ def _swap_in(staging: Path, folder: Path) -> None:
     """Move the bundle files of `staging` over those of `folder` (weights first, card last), all or none."""
     backup = staging / ".previous"
     backup.mkdir()
-    names = [n for n in (WEIGHTS_FILE, CONFIG_FILE, REPORT_FILE, CARD_FILE) if (staging / n).is_file()]
+    names = [n for n in (WEIGHTS_NAME, CONFIG_NAME, REPORT_NAME, CARD_NAME) if (staging / n).is_file()]
     kept: dict[str, bool] = {}  # name -> whether `folder` held it before (and `backup` holds that version now)
     for name in names:
         old = folder / name

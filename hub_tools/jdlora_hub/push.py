@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Optional, Union
 
 from .errors import HubOperationError, SourceError, UsageError
-from .output import BUNDLE_FILES, CARD_FILE, CONFIG_FILE, REPORT_FILE, WEIGHTS_FILE
+from .output import BUNDLE_FILES, CARD_NAME, CONFIG_NAME, PICKLED_WEIGHTS_NAME, REPORT_NAME, WEIGHTS_NAME
 from .redact import dumps, publishable
 from .sources import hub_errors
 
 # Bundle files the repo may hold from an older push and the folder no longer has: deleted in the same commit (a stale
 # .bin beside the safetensors would confuse loaders and readers).
-STALE_REMOTE_FILES = (*BUNDLE_FILES, "adapter_model.bin")
+STALE_REMOTE_FILES = (*BUNDLE_FILES, PICKLED_WEIGHTS_NAME)
 _REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
 
 
@@ -82,28 +82,28 @@ def bundle_upload(folder: Path) -> Upload:
     from peft_jdlora.bundle import read_config
 
     folder = Path(folder)
-    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, CARD_FILE) if not (folder / name).is_file()]
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME) if not (folder / name).is_file()]
     if missing:
         raise SourceError(f"{folder} is not a complete bundle folder: it has no {', '.join(missing)}.")
     try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-        report = json.loads((folder / REPORT_FILE).read_text()) if (folder / REPORT_FILE).is_file() else None
-        card = (folder / CARD_FILE).read_text()
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        report = json.loads((folder / REPORT_NAME).read_text()) if (folder / REPORT_NAME).is_file() else None
+        card = (folder / CARD_NAME).read_text()
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SourceError(f"{folder}: a bundle file cannot be read ({err}).") from None
     files: dict[str, Union[bytes, str]] = {n: str(folder / n) for n in BUNDLE_FILES if (folder / n).is_file()}
     config, report, card, redacted = publishable(config, report, card)
     if redacted:  # the files as they are, unless they name local paths
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / CONFIG_FILE).write_bytes(dumps(config))
+            (Path(tmp) / CONFIG_NAME).write_bytes(dumps(config))
             try:
                 read_config(Path(tmp))
             except BundleFormatError as err:  # the redaction must not break the bundle: refuse rather than publish
                 raise SourceError(f"{folder}: the config to push does not load: {err}") from None
-        files[CONFIG_FILE] = dumps(config)
-        files[CARD_FILE] = card.encode()
+        files[CONFIG_NAME] = dumps(config)
+        files[CARD_NAME] = card.encode()
         if report is not None:
-            files[REPORT_FILE] = dumps(report)
+            files[REPORT_NAME] = dumps(report)
     left_out = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name not in files)
     return Upload(files=files, left_out=left_out, redacted=redacted)
 

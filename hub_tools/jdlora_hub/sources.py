@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from .errors import HubOperationError, SourceError
+from .output import CONFIG_NAME, PICKLED_WEIGHTS_NAME, WEIGHTS_NAME
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-DOWNLOAD_PATTERNS = [ADAPTER_CONFIG, *ADAPTER_WEIGHTS]
+ADAPTER_WEIGHTS = (WEIGHTS_NAME, PICKLED_WEIGHTS_NAME)  # a PEFT adapter's weights, in the order PEFT looks for them
+DOWNLOAD_PATTERNS = [CONFIG_NAME, *ADAPTER_WEIGHTS]
 GLOB_CHARS = "*?["
 _NAME_PREFIX_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.\-]*)=(.+)$")
 
@@ -333,9 +333,9 @@ class hub_errors:
 
 
 def _read_local_config(folder: Path, what: str) -> dict[str, Any]:
-    config_file = folder / ADAPTER_CONFIG
+    config_file = folder / CONFIG_NAME
     if not config_file.is_file():
-        raise SourceError(f"{what} is not a PEFT adapter folder: it has no {ADAPTER_CONFIG}.")
+        raise SourceError(f"{what} is not a PEFT adapter folder: it has no {CONFIG_NAME}.")
     return _parse_config(config_file, what)
 
 
@@ -343,9 +343,9 @@ def _parse_config(config_file: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SourceError(f"{what}: {ADAPTER_CONFIG} is not valid JSON ({err}).") from None
+        raise SourceError(f"{what}: {CONFIG_NAME} is not valid JSON ({err}).") from None
     if not isinstance(data, dict):
-        raise SourceError(f"{what}: {ADAPTER_CONFIG} does not hold a JSON object.")
+        raise SourceError(f"{what}: {CONFIG_NAME} does not hold a JSON object.")
     return data
 
 
@@ -454,12 +454,12 @@ def resolve_sources(
                     raise
                 skipped.append(Skipped(label, str(err)))
                 continue
-            if ADAPTER_CONFIG not in files:
+            if CONFIG_NAME not in files:
                 if explicit:
-                    raise SourceError(f"Hub repo {label} is not a PEFT adapter: it has no {ADAPTER_CONFIG}.")
-                skipped.append(Skipped(label, f"not a PEFT adapter (no {ADAPTER_CONFIG})"))
+                    raise SourceError(f"Hub repo {label} is not a PEFT adapter: it has no {CONFIG_NAME}.")
+                skipped.append(Skipped(label, f"not a PEFT adapter (no {CONFIG_NAME})"))
                 continue
-            config = _parse_config(client.fetch(repo_id, sha, ADAPTER_CONFIG), label)
+            config = _parse_config(client.fetch(repo_id, sha, CONFIG_NAME), label)
             problem = lora_problem(config)
             if problem:
                 if explicit:

@@ -15,6 +15,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..output import CONFIG_NAME, WEIGHTS_NAME
+
 
 def save_base_model(model: Any, folder: Union[str, Path]) -> Path:
     """Save a transformers model with `save_pretrained` (config.json + model.safetensors)."""
@@ -74,15 +76,15 @@ def make_lora_adapter(
         warnings.simplefilter("ignore", UserWarning)
         model.save_pretrained(str(folder), safe_serialization=safe_serialization)
     # PEFT writes the base model's own name_or_path into the card; keep config and card in agreement.
-    data = json.loads((folder / "adapter_config.json").read_text())
+    data = json.loads((folder / CONFIG_NAME).read_text())
     data["base_model_name_or_path"] = base_model_name
-    (folder / "adapter_config.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+    (folder / CONFIG_NAME).write_text(json.dumps(data, indent=2, sort_keys=True))
     return folder
 
 
 def corrupt_weights(folder: Union[str, Path], keep_bytes: int = 64) -> Path:
     """Truncate an adapter's safetensors file (a download cut short): it no longer parses."""
-    weights = Path(folder) / "adapter_model.safetensors"
+    weights = Path(folder) / WEIGHTS_NAME
     data = weights.read_bytes()
     weights.write_bytes(data[:keep_bytes])
     return weights
