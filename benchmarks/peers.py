@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # jdl
 
 from jdlora_common import cache_root, write_json_atomic
 
+from peft_jdlora.bundle import adapter_core
 from peft_jdlora.compression import compress, read_lora_adapter
 
 # Factors per module as (A [r, d_in], B [d_out, r]) with the scaling folded into B: ΔW = B·A.
@@ -159,8 +160,7 @@ def run_jd(folders: Sequence[Path], originals: dict[str, Factors], method: str, 
         out = {}
         for module, f in bundle.modules.items():
             c = bundle.cluster_of(module, slot)
-            core = f.sigma[slot] if f.sigma.dim() == 3 else torch.diag(f.sigma[slot])
-            out[module] = (f.V[c].double(), f.U[c].double() @ core.double())
+            out[module] = (f.V[c].double(), f.U[c].double() @ adapter_core(f.sigma, slot).double())
         return out
 
     errors = adapter_errors(originals, recon)

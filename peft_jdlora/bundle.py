@@ -113,6 +113,19 @@ def weights_header(weights_file: Union[str, os.PathLike]) -> dict[str, tuple[str
         raise BundleFormatError(f"{weights_file} cannot be read: {err}") from None
 
 
+def adapter_core(sigma: torch.Tensor, slot: int) -> torch.Tensor:
+    """Σ of adapter `slot` as an r×r matrix, from a module's cores sigma [N, r, r] (full) or [N, r] (diagonal)."""
+    return sigma[slot] if sigma.dim() == 3 else torch.diag(sigma[slot])
+
+
+def adapter_delta_weight(
+    U: torch.Tensor, V: torch.Tensor, sigma: torch.Tensor, slot: int, cluster: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Dense ΔW [d_out, d_in] = U[c] · Σ[slot] · V[c] of one adapter, computed in `dtype`.
+    U: [C, d_out, r], V: [C, r, d_in], sigma: [N, r, r] or [N, r]."""
+    return U[cluster].to(dtype) @ adapter_core(sigma, slot).to(dtype) @ V[cluster].to(dtype)
+
+
 @dataclass
 class ModuleFactors:
     """One module's factors. U: [C, d_out, r], V: [C, r, d_in], sigma: [N, r, r] or [N, r]."""
@@ -128,8 +141,7 @@ class ModuleFactors:
 
     def delta_weight(self, slot: int, cluster: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Dense ΔW [d_out, d_in] of one adapter (for tests and small checks)."""
-        core = self.sigma[slot] if self.sigma.dim() == 3 else torch.diag(self.sigma[slot])
-        return self.U[cluster].to(dtype) @ core.to(dtype) @ self.V[cluster].to(dtype)
+        return adapter_delta_weight(self.U, self.V, self.sigma, slot, cluster, dtype)
 
 
 @dataclass
@@ -373,8 +385,7 @@ def lora_factors(bundle: Bundle, adapter: Union[str, int]) -> dict[str, tuple[to
     out = {}
     for module, f in bundle.modules.items():
         c = bundle.cluster_of(module, slot)
-        core = f.sigma[slot] if f.sigma.dim() == 3 else torch.diag(f.sigma[slot])
-        out[module] = (f.V[c].clone(), (f.U[c].float() @ core.float()).to(f.U.dtype))
+        out[module] = (f.V[c].clone(), (f.U[c].float() @ adapter_core(f.sigma, slot).float()).to(f.U.dtype))
     return out
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from . import ops
 from .batch import AdapterRouter, ClusterTable
+from .bundle import adapter_delta_weight
 
 InitWeights = Union[bool, str]
 
@@ -108,9 +109,7 @@ class JDLoraLayer(BaseTunerLayer):
         U, V, sigma, cluster = self._factors(adapter_name)
         # fp16/bf16 matmuls are slow or missing on CPU; compute in fp32 there, as PEFT's LoRA does.
         compute_dtype = torch.float32 if weight.device.type == "cpu" else U.dtype
-        c = int(cluster[slot])
-        core = sigma[slot] if sigma.dim() == 3 else torch.diag(sigma[slot])
-        delta = U[c].to(compute_dtype) @ core.to(compute_dtype) @ V[c].to(compute_dtype)  # [d_out, d_in]
+        delta = adapter_delta_weight(U, V, sigma, slot, int(cluster[slot]), compute_dtype)  # [d_out, d_in]
         if self.kwargs.get("fan_in_fan_out", False):
             delta = delta.T
         return delta.to(weight.dtype)
