@@ -9,6 +9,10 @@ serves every bundle adapter by name.
   `"model": "<adapter name>"` works and `/v1/models` lists them, without `VLLM_ALLOW_RUNTIME_LORA_UPDATING`.
 - `BundleAdapterResolver` (registered as the LoRA resolver "jdlora") answers the same names when runtime LoRA
   updating is on.
+- `EngineArgs.create_engine_config`: without `--lora-target-modules`, vLLM's own LoRA wrappers are limited to the
+  modules the bundles patch (every other module kept its LoRA wrapper, stacks and per-step work for nothing: on CPU
+  that halved the throughput of every request, base rows included). An ordinary LoRA that patches another module is
+  then refused by name instead of being served without it.
 """
 
 from __future__ import annotations
@@ -32,9 +36,13 @@ logger = init_logger("vllm.jdlora")
 class FrontendState:
     """What one front end knows of the configured bundles and of the ids its requests used."""
 
-    def __init__(self, settings: JDVllmSettings, catalog: BundleCatalog) -> None:
+    def __init__(
+        self, settings: JDVllmSettings, catalog: BundleCatalog, limited_targets: Optional[list[str]] = None
+    ) -> None:
         self.settings = settings
         self.catalog = catalog
+        # vLLM's LoRA wrappers were limited to these module names (no --lora-target-modules given), or None.
+        self.limited_targets = limited_targets
         self._lock = threading.Lock()
         self._id_owner: dict[int, tuple] = {}  # lora_int_id -> ("bundle", b, a) | ("lora", path)
         self._pooled_loras: set[int] = set()
@@ -63,6 +71,7 @@ class FrontendState:
                 value=lora_request.lora_path,
             )
         self._bind(lora_request, ("lora", lora_request.lora_path))
+        self._check_targets_are_wrapped(lora_request)
         if self._needs_pool_entry(lora_request.lora_path):
             with self._lock:
                 pooled = self._pooled_loras | {lora_request.lora_int_id}
@@ -89,14 +98,25 @@ class FrontendState:
 
     def _needs_pool_entry(self, lora_path: str) -> bool:
         """Whether an ordinary LoRA may patch a module a bundle patches (True unless its config says otherwise)."""
-        config_file = Path(lora_path) / "adapter_config.json"
-        try:
-            targets = json.loads(config_file.read_text()).get("target_modules")
-        except (OSError, ValueError, AttributeError):
+        targets = _lora_targets(lora_path)
+        if targets is None:  # a regex, or unreadable: assume it may
             return True
-        if not isinstance(targets, list):  # a regex, or missing: assume it may
-            return True
-        return any(t.rpartition(".")[2] in self._bundle_suffixes for t in targets if isinstance(t, str))
+        return any(t in self._bundle_suffixes for t in targets)
+
+    def _check_targets_are_wrapped(self, lora_request: LoRARequest) -> None:
+        if self.limited_targets is None:
+            return
+        targets = _lora_targets(lora_request.lora_path)
+        outside = sorted(set(targets or ()) - set(self.limited_targets))
+        if targets is None or outside:
+            what = f"patches {outside}" if outside else "has target modules the front end cannot read"
+            raise VLLMValidationError(
+                f"ordinary LoRA {lora_request.lora_name!r} {what}, but this engine wraps only the modules its JD-LoRA "
+                f"bundles patch ({self.limited_targets}): start it with --lora-target-modules listing every module "
+                "your LoRAs patch.",
+                parameter="lora_request",
+                value=lora_request.lora_name,
+            )
 
     def served_requests(self, next_id: Any, base_model_name: Optional[str]) -> dict[str, LoRARequest]:
         """A `LoRARequest` for every served name of every bundle adapter, ids from `next_id()`."""
@@ -113,6 +133,18 @@ class FrontendState:
         return requests
 
 
+def _lora_targets(lora_path: str) -> Optional[list[str]]:
+    """Module names (last components) an ordinary LoRA folder patches, or None when they cannot be read as a list."""
+    config_file = Path(lora_path) / "adapter_config.json"
+    try:
+        targets = json.loads(config_file.read_text()).get("target_modules")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        return None
+    return sorted({t.rpartition(".")[2] for t in targets})
+
+
 def _describe(owner: tuple) -> str:
     return f"bundle adapter {owner[1]}:{owner[2]}" if owner[0] == "bundle" else f"the LoRA at {owner[1]!r}"
 
@@ -122,6 +154,7 @@ def _target_list(target_modules: Any) -> list[str]:
 
 
 _states: dict[int, Optional[FrontendState]] = {}
+_limited_targets: dict[int, list[str]] = {}  # id(vllm_config) -> the LoRA target modules this plugin chose
 _states_lock = threading.Lock()
 
 
@@ -131,8 +164,39 @@ def frontend_state(vllm_config: Any) -> Optional[FrontendState]:
     with _states_lock:
         if key not in _states:
             settings = JDVllmSettings.from_additional_config(getattr(vllm_config, "additional_config", None))
-            _states[key] = None if settings is None else FrontendState(settings, BundleCatalog.open(settings))
+            _states[key] = (
+                None
+                if settings is None
+                else FrontendState(settings, BundleCatalog.open(settings), _limited_targets.get(key))
+            )
         return _states[key]
+
+
+def bundle_target_modules(catalog: BundleCatalog) -> Optional[list[str]]:
+    """The module names (last components, e.g. q_proj) the configured bundles patch, or None when a bundle gives
+    its targets as a regex."""
+    names = set()
+    for bundle in catalog.bundles:
+        targets = bundle.config.target_modules
+        if not isinstance(targets, (list, tuple, set)):
+            return None
+        names.update(t.rpartition(".")[2] for t in targets)
+    return sorted(names)
+
+
+def limit_lora_wrappers_to_bundles(vllm_config: Any) -> None:
+    """Without --lora-target-modules, let vLLM wrap only the modules the bundles patch (see the module docstring)."""
+    lora_config = getattr(vllm_config, "lora_config", None)
+    settings = JDVllmSettings.from_additional_config(getattr(vllm_config, "additional_config", None))
+    if settings is None or lora_config is None or lora_config.target_modules is not None:
+        return
+    targets = bundle_target_modules(BundleCatalog.open(settings))
+    if targets is None:
+        return
+    lora_config.target_modules = targets
+    with _states_lock:
+        _limited_targets[id(vllm_config)] = targets
+    logger.info("jdlora: vLLM's LoRA layers limited to the bundles' modules %s (no --lora-target-modules).", targets)
 
 
 # ---------------------------------------------------------------------------- patches installed by register()
@@ -151,12 +215,24 @@ def validate_lora_with_bundles(original: Any) -> Any:
     return _validate_lora
 
 
+def create_engine_config_with_bundles(original: Any) -> Any:
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        vllm_config = original(self, *args, **kwargs)
+        limit_lora_wrappers_to_bundles(vllm_config)
+        return vllm_config
+
+    create_engine_config._jdlora_wrapped = True
+    return create_engine_config
+
+
 def init_static_loras_with_bundles(original: Any) -> Any:
     async def init_static_loras(self: Any) -> None:
         await original(self)
         state = frontend_state(self.engine_client.vllm_config)
         if state is None:
             return
+        for request in self.lora_requests.values():  # --lora-modules reach the engine without request checks
+            state.check(request)
         requests = state.served_requests(lambda: self.lora_id_counter.inc(1), self.base_model_paths[0].name)
         taken = sorted(set(requests) & set(self.lora_requests))
         if taken:

@@ -9,6 +9,8 @@ at call time (private API, checked against the tested vLLM range):
     vllm.v1.engine.input_processor.InputProcessor._validate_lora       also checks bundle requests
     vllm.entrypoints.openai.models.serving.OpenAIServingModels.init_static_loras   also serves bundle names
     vllm.lora.resolver.LoRAResolverRegistry                      the "jdlora" resolver
+    vllm.engine.arg_utils.EngineArgs.create_engine_config        vLLM's LoRA wrappers limited to the bundles' modules
+                                                                 when --lora-target-modules is not given
 """
 
 from __future__ import annotations
@@ -68,11 +70,19 @@ def _install_worker_manager() -> None:
 
 
 def _install_frontend() -> None:
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.lora.resolver import LoRAResolverRegistry
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from .frontend import BundleAdapterResolver, init_static_loras_with_bundles, validate_lora_with_bundles
+    from .frontend import (
+        BundleAdapterResolver,
+        create_engine_config_with_bundles,
+        init_static_loras_with_bundles,
+        validate_lora_with_bundles,
+    )
 
+    if not getattr(EngineArgs.create_engine_config, "_jdlora_wrapped", False):
+        EngineArgs.create_engine_config = create_engine_config_with_bundles(EngineArgs.create_engine_config)
     if not getattr(InputProcessor._validate_lora, "_jdlora_wrapped", False):
         InputProcessor._validate_lora = validate_lora_with_bundles(InputProcessor._validate_lora)
     try:

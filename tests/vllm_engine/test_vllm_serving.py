@@ -15,6 +15,7 @@ import torch
 from jd_vllm_helpers import (
     ALL_LINEAR,
     engine_summary,
+    lora_layer_kinds,
     make_bundle,
     punica_token_slots,
     reference_generations,
@@ -75,6 +76,7 @@ def collection(tmp_path_factory):
         "big": save(big, root / "big"),
         "lora": save_plain_lora(base, root / "lora", ("q_proj", "v_proj", "down_proj"), r=8),
         "lora2": save_plain_lora(base, root / "lora2", ("q_proj",), r=4, seed=5),
+        "lm_head_lora": save_plain_lora(base, root / "lm_head_lora", ("q_proj", "lm_head"), r=4, seed=6),
         "big_names": big_names,
     }
 
@@ -142,8 +144,10 @@ def test_more_distinct_adapters_than_max_loras_without_reloading(llm, collection
     got = vllm_generations(llm, prompts, requests, MAX_TOKENS)
     want = reference_generations(collection, prompts, [("big", names[i]) for i in picks] + [None, None], MAX_TOKENS)
     assert got == want
-    # vLLM's own LoRA layers (embeddings, lm_head) saw the bundle rows as base rows: no per-slot LoRA work for them.
+    # vLLM's own LoRA layers saw the bundle rows as base rows: no per-slot LoRA work for them.
     assert set(llm.collective_rpc(punica_token_slots)[0]) == {-1}
+    # Without --lora-target-modules vLLM wraps only what the bundles patch (not lm_head or the embeddings).
+    assert all(kind.startswith("JD") for kind in llm.collective_rpc(lora_layer_kinds)[0])
     summary = engine_summary(llm)[0]
     # Every adapter of every bundle is resident; JD layers hold no per-slot LoRA stacks (one-element stand-ins).
     assert summary["sigma_rows"] == {"plan": len(PLAN_NAMES), "half": len(HALF_NAMES), "big": BIG_ADAPTERS}
@@ -189,3 +193,8 @@ def test_ordinary_loras_beyond_plain_slots_are_refused(llm, collection):
     vllm_generations(llm, _prompts(1, 6), [LoRARequest("plain", 4, str(collection["lora"]))], 2)
     with pytest.raises(VLLMValidationError, match="plain_lora_slots=1"):
         vllm_generations(llm, _prompts(1, 6), [LoRARequest("plain2", 601, str(collection["lora2"]))], 2)
+
+
+def test_ordinary_lora_on_a_module_no_bundle_patches_is_refused(llm, collection):
+    with pytest.raises(VLLMValidationError, match=r"patches \['lm_head'\], but this engine wraps only the modules"):
+        vllm_generations(llm, _prompts(1, 7), [LoRARequest("head", 701, str(collection["lm_head_lora"]))], 2)
