@@ -13,7 +13,8 @@ one after the other (two engines on 2 cores would slow each other down many time
                   step); its rounds alternate with base-model rounds on the same engine, so each round gives a ratio
                   measured seconds apart
     lora-<m>      vLLM's own LoRA with max_loras m (8 and 32 by default), max_cpu_loras 1000, the bundle's adapters
-                  exported as rank-r PEFT LoRAs (exactly the same updates)
+                  exported as rank-r PEFT LoRAs (exactly the same updates), --lora-target-modules q_proj v_proj
+                  (the JD engine wraps only those too)
 
 Model: SmolLM2-135M's shapes (576 wide, 9 heads, 3 KV heads) with random weights, --layers of them (30 in the real
 model); bundle: r 16 on q_proj and v_proj, one shared basis, --adapters adapters. Throughput depends on shapes, not
@@ -142,7 +143,11 @@ def _run_engine(args: argparse.Namespace, paths: dict) -> dict:
         )
     elif engine.startswith("lora-"):
         engine_args.update(
-            enable_lora=True, max_loras=int(engine.split("-")[1]), max_cpu_loras=args.adapters, max_lora_rank=args.rank
+            enable_lora=True,
+            max_loras=int(engine.split("-")[1]),
+            max_cpu_loras=args.adapters,
+            max_lora_rank=args.rank,
+            lora_target_modules=["q_proj", "v_proj"],  # as the JD engine: only the adapted modules are wrapped
         )
     started = time.perf_counter()
     llm = LLM(**engine_args)
