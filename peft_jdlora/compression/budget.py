@@ -126,18 +126,18 @@ def cluster_assignments(
     return out
 
 
-def _limits(fitter_floor: dict[str, int], lossless: dict[str, int], budget_floats: int, max_share: float) -> dict:
+def _limits(cheapest: dict[str, int], lossless: dict[str, int], budget_floats: int, max_share: float) -> dict:
     """Most floats an option of each module may take: no module can take more than the budget minus the others'
     cheapest options, and plans rarely give a module more than `max_share` times its share of the budget (its share of
     the lossless size); only the extension above the fitted rank is bounded by it (the rest costs no fit)."""
-    floor = sum(fitter_floor.values())
+    floor = sum(cheapest.values())
     total = sum(lossless.values())
     return {
         m: min(
-            budget_floats - floor + fitter_floor[m],
-            max(fitter_floor[m], max_share * budget_floats * lossless[m] / total),
+            budget_floats - floor + cheapest[m],
+            max(cheapest[m], max_share * budget_floats * lossless[m] / total),
         )
-        for m in fitter_floor
+        for m in cheapest
     }
 
 

@@ -17,11 +17,14 @@ One fit per module and family gives the error of every rank:
              iterations), so that baseline is exact.
 
 Building (`build`): an option at its family's fitted rank uses the fit; any other JD option is refined by JD-Full from
-its nested start (the fit never gets worse than its start, and the start is kept if rounding made it so), so the
-stored error is at most the curve's. Cores are fitted to the bases as stored (rounded to the storage dtype).
+its nested start inside the span of the module's nested bases (`joint.subspace_batch`: the updates there are
+r_ext×r_ext cores, so the refinement costs a fraction of a fit; JD-Full never gets worse than its start, and the start
+is kept if rounding made it so), so the stored error is at most the curve's. Cores are fitted to the bases as stored
+(rounded to the storage dtype).
 
 Cost per module: one JD-Full fit per cluster of each family (one per family's worth of adapters), one range finder
-for the extension, and the cores of the nested bases; the plan's chosen options then cost one warm-started fit each.
+for the extension, and the cores of the nested bases; the plan's chosen options then cost one JD-Full fit each in
+the r_ext-dimensional span of their nested bases.
 Under torch.distributed every process computes the curves of its own batches and the curves (small: floats and
 errors) are shared with all, so every process takes the same plan; each builds its own batches.
 """
@@ -47,7 +50,7 @@ from .engine import (
     module_generator,
     plan_groups,
 )
-from .joint import extend_bases, init_full, jd_full, prefix_energy, principal_axes
+from .joint import extend_bases, init_full, jd_full, prefix_energy, principal_axes, subspace_batch
 from .metrics import dtype_bytes, least_squares_sigma, own_basis_cores, sigma_for_storage, stored_errors
 from .planner import ModuleCurves, Option
 from .svd import CanonicalBatch, canonicalize, svd_errors, truncated_svd
@@ -304,13 +307,19 @@ class CurveFitter:
         nested = [self.bases[(module, family.name)] for module in modules]
         for c, members in enumerate(family.members()):
             part = sub if members.numel() == self.N else sub.adapters(members.to(self.device))
-            U = torch.stack([b.U[c, :, :rank] for b in nested]).to(self.device)  # [m, d_out, rank]
-            V = torch.stack([b.V[c, :, :rank] for b in nested]).to(self.device)  # [m, d_in, rank]
+            W_U = torch.stack([b.U[c] for b in nested]).to(self.device)  # [m, d_out, r_ext]
+            W_V = torch.stack([b.V[c] for b in nested]).to(self.device)  # [m, d_in, r_ext]
+            U, V = W_U[..., :rank], W_V[..., :rank]
             if rank != nested[0].fitted:
-                refined = jd_full(part, U, V, max_iter=self.max_iter, tol=self.tol, stall_tol=self.stall_tol)
-                start = (part.energy - prefix_energy(part, U, V)[..., -1]).sum(1)  # [m] the curve's error sums
-                better = (part.energy.sum(1) - refined.sigma.square().sum((1, 2, 3)) <= start).view(m, 1, 1)
-                U, V = torch.where(better, refined.U, U), torch.where(better, refined.V, V)
+                # JD-Full at `rank` inside the nested bases' span, from their first columns (the curve's point):
+                # the updates there are r_ext×r_ext cores, so this costs a fraction of a fit in the full space.
+                inner = subspace_batch(part, W_U, W_V)
+                eye = torch.eye(W_U.shape[-1], rank, dtype=W_U.dtype, device=W_U.device).expand(m, -1, -1)
+                refined = jd_full(inner, eye, eye, max_iter=self.max_iter, tol=self.tol, stall_tol=self.stall_tol)
+                start = (inner.energy - prefix_energy(inner, eye, eye)[..., -1]).sum(1)  # [m] the curve's error sums
+                better = (inner.energy.sum(1) - refined.sigma.square().sum((1, 2, 3)) <= start).view(m, 1, 1)
+                U = torch.where(better, W_U @ refined.U, U)
+                V = torch.where(better, W_V @ refined.V, V)
                 iterations = torch.maximum(iterations, refined.iterations)
             U_s, V_s = U.to(self.storage_dtype), V.to(self.storage_dtype)
             # Cores fitted to the bases as stored (rounded), so that the errors describe the stored bundle.

@@ -176,6 +176,20 @@ def extend_bases(
     return orth(torch.cat([U, U_extra], dim=-1)), orth(torch.cat([V, V_extra], dim=-1))
 
 
+def subspace_batch(batch: CanonicalBatch, U: torch.Tensor, V: torch.Tensor) -> CanonicalBatch:
+    """The updates seen inside orthonormal bases U [M, d_out, k], V [M, d_in, k]: the k×k cores T_i = Uᵀ ΔW̃_i V in
+    canonical form (their SVD, at most the updates' rank R columns each), with the updates' own norms, so that for
+    bases U·P, V·Q inside those subspaces the errors computed on it are the true errors, 1 − ‖Pᵀ T_i Q‖². JD-Full on
+    it costs O(N·R·k·r) per iteration instead of O(N·R·(d_out + d_in)·r)."""
+    T = projected_cores(batch, U, V)  # [M, N, k, k]
+    W, S, Zh = torch.linalg.svd(T)
+    R = min(batch.rank, S.shape[-1])
+    M, N, k, _ = T.shape
+    B = (W[..., :R] * S[..., None, :R]).permute(0, 2, 1, 3).reshape(M, k, N * R)
+    Q = Zh[..., :R, :].mT.permute(0, 2, 1, 3).reshape(M, k, N * R)
+    return CanonicalBatch(B, Q, S[..., :R], batch.norm)
+
+
 def principal_axes(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthogonal P, Q [M, r, r] with columns in decreasing order of Σ_i ‖S_iᵀ p‖² and Σ_i ‖S_i q‖² for cores
     S [M, N, r, r]: the eigenvectors of Σ_i S_i S_iᵀ and Σ_i S_iᵀ S_i. Rotating the bases by them puts the directions
