@@ -6,6 +6,13 @@ inspects, exports, grows and shrinks bundles. The same operations are Python fun
 Importing this package does not import torch; the commands import it when they need it.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+# One distribution (peft-jdlora) ships peft_jdlora, jdlora_hub and jdlora_vllm: its version is theirs. Read from the
+# installed metadata, since importing peft_jdlora (where the version is written) would import torch.
+try:
+    __version__ = version("peft-jdlora")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "unknown"
 
 __all__ = ["__version__"]

@@ -12,9 +12,9 @@ OpenAI server with `"model": "<adapter>"`. See docs/vllm.md.
 
 from __future__ import annotations
 
+from jdlora_hub import __version__  # the distribution's version, without importing torch in every vLLM process
+
 from .registration import SUPPORTED_VLLM, check_vllm_version, register
 from .settings import JDLoraVllmConfigError, JDVllmSettings
 
-__version__ = "0.1.0"
-
-__all__ = ["SUPPORTED_VLLM", "JDLoraVllmConfigError", "JDVllmSettings", "check_vllm_version", "register"]
+__all__ = ["SUPPORTED_VLLM", "JDLoraVllmConfigError", "JDVllmSettings", "__version__", "check_vllm_version", "register"]
