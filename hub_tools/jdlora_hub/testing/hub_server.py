@@ -388,18 +388,13 @@ class LocalHub:
         repo.branches[branch] = sha
         return sha
 
-    def _take_hold(self, endpoint: str, repo_id: Optional[str]) -> Optional[Hold]:
+    def _take(self, queue: list[Any], endpoint: str, repo_id: Optional[str]) -> Optional[Any]:
+        """Remove and return the first `Hold` / `Failure` of `queue` meant for a request of kind `endpoint` on
+        `repo_id` (one without a repo_id is meant for any repo)."""
         with self._lock:
-            for i, hold in enumerate(self._holds):
-                if hold.endpoint == endpoint and (hold.repo_id is None or hold.repo_id == repo_id):
-                    return self._holds.pop(i)
-        return None
-
-    def _take_failure(self, endpoint: str, repo_id: Optional[str]) -> Optional[Failure]:
-        with self._lock:
-            for i, failure in enumerate(self._failures):
-                if failure.endpoint == endpoint and (failure.repo_id is None or failure.repo_id == repo_id):
-                    return self._failures.pop(i)
+            for i, entry in enumerate(queue):
+                if entry.endpoint == endpoint and (entry.repo_id is None or entry.repo_id == repo_id):
+                    return queue.pop(i)
         return None
 
     def _card_data(self, commit: Commit) -> Optional[dict]:
@@ -516,11 +511,11 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         authorized = self._authorized()
         status = 500
         try:
-            hold = self.hub._take_hold(endpoint, repo_id)
+            hold = self.hub._take(self.hub._holds, endpoint, repo_id)
             if hold is not None:
                 hold.reached.set()
                 hold.released.wait(hold.timeout)
-            failure = self.hub._take_failure(endpoint, repo_id)
+            failure = self.hub._take(self.hub._failures, endpoint, repo_id)
             if failure is not None:
                 if failure.disconnect:
                     length = int(self.headers.get("Content-Length") or 0)
