@@ -16,7 +16,7 @@ and, for ordinary (non-bundle) LoRAs, a pool of `plain_lora_slots` entries per s
 vLLM's per-slot `lora_a_stacked` / `lora_b_stacked` are shape-only stand-ins (zero-stride views: one element of
 memory), read by vLLM for warm-up shapes. A slot carries only which adapter it points at (`routing.StepRouting`).
 The update of each (bundle, slice) is one `torch.ops.peft_jdlora.jd_lora_delta` call on the step's per-token
-adapter indices: the Triton kernels on CUDA, the PyTorch reference on CPU.
+adapter indices: the Triton kernels on CUDA, the torch backend (`peft_jdlora.ops.torch_backend`) on CPU.
 """
 
 from __future__ import annotations
