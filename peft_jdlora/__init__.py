@@ -11,6 +11,14 @@ from .layer import JDLoraLayer, Linear
 from .model import JDLoraModel, use_adapter_ids
 from .peft_type import JDLORA, JDLoraPeftType
 from .registration import register
+from .training import (
+    NonFiniteLossError,
+    TrainableAdapter,
+    add_trainable_adapter,
+    cluster_scores,
+    enable_activation_checkpointing,
+    save_trained_bundle,
+)
 
 __version__ = "0.1.0"
 
@@ -29,11 +37,17 @@ __all__ = [
     "JDLoraPeftType",
     "Linear",
     "ModuleFactors",
+    "NonFiniteLossError",
     "TokenSlots",
+    "TrainableAdapter",
+    "add_trainable_adapter",
+    "cluster_scores",
+    "enable_activation_checkpointing",
     "export_lora",
     "load_bundle",
     "register",
     "resolve_adapter_ids",
     "save_bundle",
+    "save_trained_bundle",
     "use_adapter_ids",
 ]

@@ -185,6 +185,8 @@ class JDLoraConfig(PeftConfig):
             config._checked_shapes = check_weights_header_of(
                 config, pretrained_model_name_or_path, subfolder, hub_kwargs
             )
+            # Runtime only as well: where the bundle came from, so that training.py can carry its report and card over.
+            config._loaded_from = (str(pretrained_model_name_or_path), subfolder, hub_kwargs.get("revision"))
         return config
 
     @property
