@@ -1,9 +1,9 @@
-"""Command line: `jdlora-convert` and `jdlora {convert,inspect,export,add,remove,push}`.
+"""Command line: `jdlora-convert` and `jdlora {convert,inspect,export,add,remove,push,train}`.
 
 Exit codes (see `errors.ExitCode`): 0 ok, 1 internal error, 2 usage, 3 bad input, 4 output exists, 5 verification
-failed, 6 Hub request failed. Errors are one line on stderr (and a JSON object on stdout with --json); progress and
-log lines go to stderr, results to stdout. Heavy imports (torch, transformers) happen only when a command needs them,
-so bad arguments fail fast.
+failed, 6 Hub request failed, 7 training failed (`train`). Errors are one line on stderr (and a JSON object on
+stdout with --json); progress and log lines go to stderr, results to stdout. Heavy imports (torch, transformers)
+happen only when a command needs them, so bad arguments fail fast.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ def build_parser(prog: str = "jdlora") -> argparse.ArgumentParser:
         description="Build, inspect and edit JD-LoRA bundles: many LoRA adapters of one base model compressed into "
         "shared bases, served by one PEFT model with a different adapter on each row of a batch.",
         epilog="Run `jdlora COMMAND --help` for a command's options. Exit codes: 0 ok, 1 internal error, 2 usage, "
-        "3 bad input, 4 output exists, 5 verification failed, 6 Hub error.",
+        "3 bad input, 4 output exists, 5 verification failed, 6 Hub error, 7 training failed.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -278,6 +278,10 @@ def build_parser(prog: str = "jdlora") -> argparse.ArgumentParser:
     p.add_argument("repo_id", metavar="ORG/NAME", help="Hub repo")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--commit-message", help="commit message")
+
+    from .train import add_parser as add_train_parser
+
+    add_train_parser(sub, common, _add_output_args)
     return parser
 
 
@@ -474,6 +478,14 @@ def _run(args: argparse.Namespace, log: Callable[[str], None]) -> Any:
         return pipeline.push(
             args.folder, args.repo_id, private=args.private, commit_message=args.commit_message, log=log
         )
+    if args.command == "train":
+        from .train import options_from_args, train
+
+        options = options_from_args(args)
+        output = _outputs(args, args.bundle)
+        return train(
+            args.bundle, args.name, args.data, output, options, revision=args.revision, progress=progress, log=log
+        )
     raise UsageError(f"unknown command {args.command!r}")
 
 
@@ -600,7 +612,7 @@ def _format_result(result: Any) -> str:
 
     lines: list[str] = []
     s = result.summary
-    if result.command in ("convert", "add", "remove", "inspect", "push") and s:
+    if result.command in ("convert", "add", "remove", "inspect", "push", "train") and s:
         if result.command == "inspect":
             where = result.extra.get("bundle", {})
             ref = where.get("source", "")
@@ -672,6 +684,10 @@ def _format_result(result: Any) -> str:
         )
     if result.command == "remove":
         lines.append(f"removed:       {', '.join(result.extra.get('removed', []))}")
+    if result.command == "train":
+        from .train import format_lines
+
+        lines += format_lines(result)
     for skipped in result.skipped:
         lines.append(f"skipped:       {skipped['source']}: {skipped['reason']}")
     if result.push:

@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     OUTPUT_EXISTS = 4  # the output folder exists and --overwrite was not given
     VERIFICATION = 5  # the bundle failed verification (error above --max-error, ...); nothing was written or pushed
     HUB = 6  # the Hub refused or failed a request (download, push); nothing was changed on the Hub
+    TRAINING = 7  # `jdlora train` stopped on a NaN or infinite loss; nothing was written
 
 
 class JDLoraHubError(Exception):

@@ -516,6 +516,12 @@ def _original_sources(bundle: Any, hub: Callable[[], HubClient]) -> list[Adapter
         kind = entry.get("type") or ("local" if where and Path(where).is_dir() else "hub")
         if not where:
             raise SourceError(f"adapter {name!r} has no recorded source, so it cannot be re-read for --refit.")
+        if kind == "trained":  # `jdlora train`: Σ trained in this bundle's basis, there is no LoRA behind it
+            raise SourceError(
+                f"adapter {name!r} was trained in the bundle's basis (`jdlora train`): it has no source LoRA to "
+                "re-read for --refit. Export it (`jdlora export --adapter NAME`), remove it (`jdlora remove`), and "
+                "pass the exported folder as a SOURCE of the --refit."
+            )
         if is_redacted(where):
             raise SourceError(
                 f"adapter {name!r} came from a local folder of the machine that built the bundle ({where}: its path "
