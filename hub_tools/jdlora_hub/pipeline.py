@@ -24,9 +24,9 @@ from .redact import is_redacted
 from .signals import held_signals
 from .sources import (
     DOWNLOAD_PATTERNS,
-    AdapterSource,
     HubClient,
     Resolution,
+    ResolvedAdapter,
     file_sha256,
     parse_source,
     resolve_sources,
@@ -157,12 +157,12 @@ def _spec_folders(specs: Sequence[Any]) -> list[tuple[str, Optional[Path]]]:
     return [(f"the source folder {s.text!r}", Path(s.location)) for s in specs if s.kind == "local"]
 
 
-def _source_folders(sources: Sequence[AdapterSource]) -> list[tuple[str, Optional[Path]]]:
+def _source_folders(sources: Sequence[ResolvedAdapter]) -> list[tuple[str, Optional[Path]]]:
     """The folders of resolved source adapters (local ones, and the snapshots of Hub ones) as inputs."""
     return [(f"the folder of source adapter {s.name!r}", s.folder) for s in sources]
 
 
-def _read_adapters(sources: Sequence[AdapterSource], progress: bool) -> list[Any]:
+def _read_adapters(sources: Sequence[ResolvedAdapter], progress: bool) -> list[Any]:
     from tqdm.auto import tqdm
 
     from peft_jdlora.compression import AdapterReadError, read_lora_adapter
@@ -373,7 +373,7 @@ def _written_result(
     )
 
 
-def _skipped(src: AdapterSource, reason: str) -> Any:
+def _skipped(src: ResolvedAdapter, reason: str) -> Any:
     from .sources import Skipped
 
     return Skipped(src.label, reason)
@@ -503,7 +503,7 @@ def export(
 # ---------------------------------------------------------------------------------------------------- add / remove
 
 
-def _original_sources(bundle: Any, hub: Callable[[], HubClient]) -> list[AdapterSource]:
+def _original_sources(bundle: Any, hub: Callable[[], HubClient]) -> list[ResolvedAdapter]:
     """The bundle's own source adapters, from adapter_sources at their recorded revisions (for --refit)."""
     from .sources import SourceSpec
 
@@ -543,7 +543,7 @@ def _original_sources(bundle: Any, hub: Callable[[], HubClient]) -> list[Adapter
             folder = hub().download(where, entry["revision"], DOWNLOAD_PATTERNS)
         spec = SourceSpec(where, "local" if kind == "local" else "hub", where, entry.get("revision"), name)
         out.append(
-            AdapterSource(name=name, config={}, source=dict(entry), spec=spec, folder=folder, explicit_name=True)
+            ResolvedAdapter(name=name, config={}, source=dict(entry), spec=spec, folder=folder, explicit_name=True)
         )
     return out
 

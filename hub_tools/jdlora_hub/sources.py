@@ -41,7 +41,7 @@ class SourceSpec:
 
 
 @dataclass
-class AdapterSource:
+class ResolvedAdapter:
     """A source adapter that passed screening: where its files are and where they came from."""
 
     name: str
@@ -72,7 +72,7 @@ class Skipped:
 
 @dataclass
 class Resolution:
-    adapters: list[AdapterSource]
+    adapters: list[ResolvedAdapter]
     skipped: list[Skipped] = field(default_factory=list)
     base_model: Optional[str] = None
 
@@ -385,11 +385,11 @@ def resolve_sources(
             client = hub() if hub is not None else HubClient()
         return client
 
-    adapters: list[AdapterSource] = []
+    adapters: list[ResolvedAdapter] = []
     skipped: list[Skipped] = []
     seen: dict[tuple, str] = {}
 
-    def add(candidate: AdapterSource, key: tuple) -> None:
+    def add(candidate: ResolvedAdapter, key: tuple) -> None:
         reason = unsupported_reason(candidate.config)
         if reason is not None:
             if not skip_invalid:
@@ -418,7 +418,7 @@ def resolve_sources(
             if weights is None:
                 raise SourceError(f"{spec.location} holds no adapter weights ({' or '.join(ADAPTER_WEIGHTS)}).")
             source = {"type": "local", "source": str(folder), "revision": None, "sha256": file_sha256(weights)}
-            candidate = AdapterSource(
+            candidate = ResolvedAdapter(
                 name=spec.name or folder.name,
                 config=config,
                 source=source,
@@ -475,7 +475,7 @@ def resolve_sources(
             source = {"type": "hub", "source": repo_id, "revision": sha}
             if spec.revision and spec.revision != sha:
                 source["requested_revision"] = spec.revision
-            candidate = AdapterSource(
+            candidate = ResolvedAdapter(
                 name=spec.name or repo_id.split("/", 1)[1],
                 config=config,
                 source=source,
@@ -504,7 +504,7 @@ def resolve_sources(
     return Resolution(adapters=adapters, skipped=skipped, base_model=base_model)
 
 
-def _download_all(client: HubClient, adapters: Sequence[AdapterSource]) -> None:
+def _download_all(client: HubClient, adapters: Sequence[ResolvedAdapter]) -> None:
     """Download the adapters' files at their pinned shas, with one progress bar for all of them (huggingface_hub's
     per-file bars are switched off meanwhile: a thousand of them would bury the log)."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
@@ -522,7 +522,7 @@ def _download_all(client: HubClient, adapters: Sequence[AdapterSource]) -> None:
 
 
 def _check_base_models(
-    adapters: list[AdapterSource], skipped: list[Skipped], select_base: Optional[str]
+    adapters: list[ResolvedAdapter], skipped: list[Skipped], select_base: Optional[str]
 ) -> Optional[str]:
     """The one base model of the adapters; adapters of other bases are skipped (--select-base) or refused."""
     if select_base is not None:
@@ -553,7 +553,7 @@ def _check_base_models(
     return next(iter(groups), None)
 
 
-def _assign_unique_names(adapters: list[AdapterSource]) -> None:
+def _assign_unique_names(adapters: list[ResolvedAdapter]) -> None:
     """Give every adapter a unique name: the folder or repo name, lengthened with its parent folders / organisation
     where two would be equal. Names given with NAME=SOURCE are kept as they are and must be unique."""
     explicit = [a.name for a in adapters if a.explicit_name]
@@ -562,7 +562,7 @@ def _assign_unique_names(adapters: list[AdapterSource]) -> None:
         raise SourceError(f"adapter names given twice with NAME=SOURCE: {dupes}.")
     depth = {id(a): 1 for a in adapters}
     for _ in range(64):
-        names: dict[str, list[AdapterSource]] = {}
+        names: dict[str, list[ResolvedAdapter]] = {}
         for a in adapters:
             names.setdefault(a.name, []).append(a)
         clashes = [group for group in names.values() if len(group) > 1]
