@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -22,6 +24,16 @@ REFUSED_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 
 class BundleFormatError(ValueError):
     """A bundle's config or tensors do not describe a valid JD-LoRA bundle."""
+
+
+def pattern_key(pattern_keys: Iterable[str], module_name: str) -> Optional[str]:
+    """The key of a per-module pattern that applies to `module_name`, matched as PEFT's `get_pattern_key` matches a
+    LoRA's `rank_pattern` / `alpha_pattern`: the first key that, read as a regex, matches a dot-separated tail of the
+    module path (`q_proj`, `layers\\.[0-3]\\.self_attn\\.q_proj`, the full path). None when no key applies."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
 
 
 def _is_int(value: Any) -> bool:
@@ -80,7 +92,9 @@ class JDLoraConfig(PeftConfig):
         target_modules: module names (or suffixes, or a regex) the bundle patches, as in `LoraConfig`.
         r: rank of the shared basis for modules not listed in `rank_pattern` (any r works, as in LoRA: a rank above
             a layer's dimension gives a basis with orthonormal rows instead of columns).
-        rank_pattern: per-module rank overrides, `{module_name: r}`; keys are full module names or suffixes.
+        rank_pattern: per-module rank overrides, `{module_name: r}`; keys are matched as in `LoraConfig` (a regex
+            matching a dot-separated tail of the module path, see `pattern_key`), and a key that is the module's
+            full path wins over broader ones.
         sigma_type: `"full"` (Σ_i is r×r) or `"diag"` (Σ_i is a vector of r numbers).
         sigma_pattern: per-module Σ type overrides, `{module_name: "full" | "diag"}` (budget plans mix them: a
             module stored as per-adapter SVD is a singleton cluster per adapter with a diagonal Σ).
@@ -88,6 +102,7 @@ class JDLoraConfig(PeftConfig):
         adapter_names: names of the N adapters, in bundle order (index i of Σ).
         adapter_clusters: cluster of each adapter (length N, values in [0, num_clusters)).
         cluster_pattern: per-module cluster assignment overrides, `{module_name: [cluster of each adapter]}`.
+            The keys of sigma_pattern and cluster_pattern are matched as those of rank_pattern.
         adapter_sources: provenance of each source adapter (`{"source": path or Hub id, "revision": sha, ...}`).
         default_adapter: adapter (name or index) used for rows without an explicit id; None means the base model.
         fan_in_fan_out: True if the patched layers store weights as (fan_in, fan_out), like GPT-2's `Conv1D`.
@@ -105,14 +120,15 @@ class JDLoraConfig(PeftConfig):
     )
     r: int = field(default=16, metadata={"help": "Rank of the shared basis (default for every module)."})
     rank_pattern: dict[str, int] = field(
-        default_factory=dict, metadata={"help": "Per-module rank overrides: {module name or suffix: rank}."}
+        default_factory=dict,
+        metadata={"help": "Per-module rank overrides: {module path, suffix or regex (as in LoraConfig): rank}."},
     )
     sigma_type: Literal["full", "diag"] = field(
         default="full", metadata={"help": "'full': Σ_i is r×r per adapter; 'diag': Σ_i is a vector of r numbers."}
     )
     sigma_pattern: dict[str, str] = field(
         default_factory=dict,
-        metadata={"help": "Per-module Σ type overrides: {module name or suffix: 'full' | 'diag'}."},
+        metadata={"help": "Per-module Σ type overrides: {module path, suffix or regex: 'full' | 'diag'}."},
     )
     num_clusters: int = field(default=1, metadata={"help": "Shared bases (clusters) per module, by default."})
     adapter_names: list[str] = field(
@@ -123,7 +139,9 @@ class JDLoraConfig(PeftConfig):
     )
     cluster_pattern: dict[str, list[int]] = field(
         default_factory=dict,
-        metadata={"help": "Per-module cluster assignment overrides: {module name or suffix: [cluster per adapter]}."},
+        metadata={
+            "help": "Per-module cluster assignment overrides: {module path, suffix or regex: [cluster per adapter]}."
+        },
     )
     adapter_sources: list[dict[str, Any]] = field(
         default_factory=list,
@@ -209,6 +227,12 @@ class JDLoraConfig(PeftConfig):
             value = getattr(self, name)
             if not check(value):
                 raise BundleFormatError(f"{name} must be {expected}, got {type(value).__name__} {value!r:.200}.")
+        for name in ("rank_pattern", "sigma_pattern", "cluster_pattern"):
+            for key in getattr(self, name):
+                try:
+                    re.compile(key)
+                except re.error as err:
+                    raise BundleFormatError(f"{name} key {key!r} is not a valid regular expression: {err}.") from None
         task_type = getattr(self.task_type, "value", self.task_type)
         if task_type in REFUSED_TASK_TYPES:
             raise BundleFormatError(
@@ -281,13 +305,15 @@ class JDLoraConfig(PeftConfig):
                 ) from None
         raise TypeError(f"adapter ids are names, indices or None, got {type(adapter).__name__} {adapter!r}.")
 
+    def pattern_key(self, pattern: dict[str, Any], module_name: str) -> Optional[str]:
+        """The key of `pattern` (rank_pattern, sigma_pattern, cluster_pattern) that applies to `module_name`: the
+        module's full path if it is a key, else PEFT's rule (`pattern_key`). The full path wins because PEFT's rule
+        takes the first match in key order, and adapter_config.json stores keys sorted."""
+        return module_name if module_name in pattern else pattern_key(pattern, module_name)
+
     def _pattern_value(self, pattern: dict[str, Any], module_name: str, default: Any) -> Any:
-        if module_name in pattern:
-            return pattern[module_name]
-        for key, value in pattern.items():
-            if module_name.endswith("." + key):
-                return value
-        return default
+        key = self.pattern_key(pattern, module_name)
+        return default if key is None else pattern[key]
 
     def rank_for(self, module_name: str) -> int:
         return int(self._pattern_value(self.rank_pattern, module_name, self.r))

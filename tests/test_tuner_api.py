@@ -295,3 +295,25 @@ def test_two_bundles_on_one_model(tmp_path):
             only_two(input_ids=token_ids(), adapter_ids=[1, None, 0]).logits,
         )
     assert model.base_model.adapter_names() == ["task_00", "task_01"]
+
+
+def test_pattern_keys_are_matched_as_peft_matches_them_and_a_full_path_wins(tmp_path):
+    from peft.utils.other import get_pattern_key
+
+    pattern = {r"layers\.1\.self_attn\.(q|v)_proj": 2, "v_proj": 5, "model.layers.0.self_attn.v_proj": 3}
+    config = JDLoraConfig(target_modules=["q_proj", "v_proj"], r=4, adapter_names=["a"], rank_pattern=pattern)
+    expected = {"0.self_attn.q_proj": 4, "0.self_attn.v_proj": 3, "1.self_attn.q_proj": 2, "1.self_attn.v_proj": 2}
+    for tail, rank in expected.items():
+        assert config.rank_for(f"model.layers.{tail}") == rank, tail
+    for tail in ("0.self_attn.q_proj", "1.self_attn.q_proj", "1.self_attn.v_proj"):  # no key names the full path
+        module = f"model.layers.{tail}"
+        key = get_pattern_key(list(pattern), module)
+        assert config.rank_for(module) == (pattern[key] if key in pattern else 4)
+    # Through a saved bundle: the regex key shapes the loaded layers.
+    _, path = saved_bundle(tmp_path, rank_pattern={r"layers\.1\..*_proj": 2})
+    model = PeftModel.from_pretrained(tiny_llama(), path)
+    ranks = {name: layer.r["default"] for name, layer in model.named_modules() if isinstance(layer, JDLoraLayer)}
+    assert sorted(set(ranks.values())) == [2, 4]
+    assert all((rank == 2) == (".layers.1." in name) for name, rank in ranks.items())
+    with pytest.raises(BundleFormatError, match=r"sigma_pattern key '\(q_proj' is not a valid regular expression"):
+        JDLoraConfig(target_modules=["q_proj"], adapter_names=["a"], sigma_pattern={"(q_proj": "diag"})
