@@ -48,6 +48,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .batch import AdapterRouter, ClusterTable
 from .bundle import (
+    BUNDLE_FILES,
+    CARD_NAME,
+    CONFIG_NAME,
     FLOAT_DTYPES,
     KEY_PREFIX,
     REPORT_NAME,
@@ -63,8 +66,6 @@ from .layer import JDLoraLayer
 
 TRAINED_SOURCE = "trained in basis"
 INIT_CHOICES = ("zeros", "mean", "project:<LoRA folder>")
-CARD_NAME = "README.md"
-BUNDLE_FILES = ("adapter_config.json", "adapter_model.safetensors", REPORT_NAME, CARD_NAME)
 # Attribute of the tuner (JDLoraModel) holding {bundle name: TrainableAdapter}.
 STATE_ATTR = "_jdlora_trainable"
 # Attribute of the router set by `enable_activation_checkpointing`: the recomputed layers see the call's routing.
@@ -195,9 +196,9 @@ def trainable_adapter(model: nn.Module, bundle: Optional[str] = None) -> Optiona
 
 
 def _pattern_key(config: JDLoraConfig, module: str) -> Optional[str]:
-    """The `cluster_pattern` key that applies to `module`, or None: resolved by the config itself (each key mapped to
-    itself), so that its key matching and precedence rules hold here too."""
-    return config._pattern_value({key: key for key in config.cluster_pattern}, module, None)
+    """The `cluster_pattern` key that applies to `module`, or None: resolved by the config itself, so that its key
+    matching and precedence rules hold here too."""
+    return config.pattern_key(config.cluster_pattern, module)
 
 
 def _group_of(config: JDLoraConfig, module: str) -> str:
@@ -253,7 +254,7 @@ def _source_files(loaded_from: Optional[tuple[str, Optional[str], Optional[str]]
         dtype = FLOAT_DTYPES.get(next(iter(sigma_dtypes))) if len(sigma_dtypes) == 1 else None
     except Exception:  # the weights were read by PEFT a moment ago; if they are gone, keep the dtype held
         dtype = None
-    config = _read_source_json(path, subfolder, revision, "adapter_config.json") or {}
+    config = _read_source_json(path, subfolder, revision, CONFIG_NAME) or {}
     report = _read_source_json(path, subfolder, revision, REPORT_NAME)
     return _Source(
         report=report if isinstance(report, dict) else None, dtype=dtype, target_modules=config.get("target_modules")
