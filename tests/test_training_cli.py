@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 import string
 
@@ -45,17 +44,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_process_state():
-    """The commands run in this process: undo what --quiet switches on for a CLI process."""
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
-
-    environ, bars_disabled = dict(os.environ), are_progress_bars_disabled()
-    yield
-    os.environ.clear()
-    os.environ.update(environ)
-    if not bars_disabled:
-        enable_progress_bars()
+pytestmark = pytest.mark.usefixtures("restore_process_state")  # the commands run in this process
 
 
 @pytest.fixture(scope="module")
