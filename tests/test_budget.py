@@ -644,3 +644,13 @@ def test_cli_checks_budget_without_importing_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False"], done.stderr
     assert "--budget" in done.stderr and "r16" in done.stderr
+
+
+def test_sample_modules_spread_over_kinds_and_layers():
+    from peft_jdlora.compression.budget import sample_modules
+
+    shapes = {f"model.layers.{i}.self_attn.{p}": (8, 8) for i in range(30) for p in ("q_proj", "v_proj")}
+    sample = sample_modules(shapes, 6)
+    assert sample == [f"model.layers.{i}.self_attn.{p}" for i in (0, 14, 29) for p in ("q_proj", "v_proj")]
+    assert sample_modules(shapes, 6) == sample  # deterministic
+    assert sample_modules(dict(list(shapes.items())[:5]), 6) == list(shapes)[:5]  # few modules: all of them

@@ -409,7 +409,9 @@ def inspect(ref: str, *, revision: Optional[str] = None, progress: bool = True) 
     bundle, where = open_bundle(ref, revision=revision, progress=progress)
     summary = bundle_summary(bundle.config, bundle.report)
     summary["modules"] = len(bundle.modules)
-    summary["parameters"] = sum(f.U.numel() + f.V.numel() + f.sigma.numel() for f in bundle.modules.values())
+    from peft_jdlora.compression.cost import bundle_floats
+
+    summary["parameters"] = bundle_floats(bundle)
     summary["tensor_dtype"] = str(next(iter(bundle.modules.values())).U.dtype).removeprefix("torch.")
     extra = {"bundle": where, "plan": plan_rows(bundle.report)}
     return Result(command="inspect", out=None, adapters=_result_rows(bundle), summary=summary, extra=extra)
