@@ -13,6 +13,7 @@ import torch
 
 from ..bundle import Bundle, ModuleFactors
 from ..config import JDLoraConfig
+from .cluster import compact
 from .cost import per_adapter_params, stored_floats
 from .engine import (
     DEFAULT_MAX_BATCH_BYTES,
@@ -355,13 +356,6 @@ def is_svd_bundle(bundle: Bundle) -> bool:
     return config.num_adapters > 1 and config.sigma_type == "diag" and sorted(clusters) == list(range(len(clusters)))
 
 
-def _pattern_key(pattern: dict[str, Any], module: str) -> Optional[str]:
-    """The key of a per-module pattern (cluster_pattern, …) that applies to `module`, as JDLoraConfig resolves it."""
-    if module in pattern:
-        return module
-    return next((key for key in pattern if module.endswith("." + key)), None)
-
-
 def _own_cluster_modules(bundle: Bundle) -> set[str]:
     """Modules stored as per-adapter SVD (a singleton cluster per adapter, diagonal Σ), whole bundle or per module
     (budget plans mix them): a projected adapter gets its own truncated SVD there."""
@@ -369,7 +363,7 @@ def _own_cluster_modules(bundle: Bundle) -> set[str]:
     out = set()
     for module, f in bundle.modules.items():
         assignment = config.clusters_for(module)
-        if _pattern_key(config.cluster_pattern, module) is None:
+        if config.pattern_key(config.cluster_pattern, module) is None:
             if is_svd_bundle(bundle):
                 out.add(module)
         elif n > 1 and f.sigma.dim() == 2 and sorted(assignment) == list(range(n)):
@@ -490,7 +484,7 @@ def project(
         modules_out[module] = ModuleFactors(U, V, torch.cat([f.sigma, rows]))
 
     # The config: the default assignment and every cluster_pattern entry grow by the new adapters' clusters.
-    default_modules = [m for m in bundle.modules if _pattern_key(config.cluster_pattern, m) is None]
+    default_modules = [m for m in bundle.modules if config.pattern_key(config.cluster_pattern, m) is None]
     default_clusters = list(config.adapter_clusters or [0] * n_old)
     num_clusters = config.num_clusters
     if default_modules:
@@ -500,7 +494,7 @@ def project(
         default_clusters += [0] * n_new
     cluster_pattern = {}
     for key, assignment in config.cluster_pattern.items():
-        members = [m for m in bundle.modules if _pattern_key(config.cluster_pattern, m) == key]
+        members = [m for m in bundle.modules if config.pattern_key(config.cluster_pattern, m) == key]
         cluster_pattern[key] = list(assignment) + (chosen(members[0]) if members else [0] * n_new)
     first = chosen(default_modules[0]) if default_modules else chosen(next(iter(bundle.modules)))
     new_config = _replace_config(
@@ -556,9 +550,9 @@ def _refresh_sizes(bundle: Bundle, original_extra: int = 0, original_removed: in
 
 def _compact(assignment: Sequence[int], keep: Sequence[int]) -> tuple[list[int], list[int]]:
     """(the kept adapters' clusters renumbered 0…C'−1, the old ids of the clusters still used, in new order)."""
-    used = sorted({assignment[i] for i in keep})
-    remap = {old: new for new, old in enumerate(used)}
-    return [remap[assignment[i]] for i in keep], used
+    kept = torch.tensor([assignment[i] for i in keep], dtype=torch.int64)
+    renumbered, used = compact(kept, max(assignment) + 1)
+    return renumbered.tolist(), used
 
 
 def remove(bundle: Bundle, names: Sequence[str]) -> Bundle:

@@ -28,6 +28,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..config import pattern_key  # PEFT's rule, as the bundle config applies it
+
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -121,15 +123,6 @@ def _check_factor_shapes(factors: Any, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ pattern matching
-
-
-def pattern_key(pattern_keys: Sequence[str], module: str) -> Optional[str]:
-    """The key of `rank_pattern` / `alpha_pattern` that applies to `module`, exactly as PEFT's `get_pattern_key`
-    matches it: the first key that, read as a regex, matches a dot-separated tail of the module path."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
 
 
 def lora_scaling(config: Mapping[str, Any], module: str) -> tuple[int, float, float]:
