@@ -119,18 +119,17 @@ def init_full(
     M, d_out, _ = batch.B.shape
     d_in = batch.Q.shape[1]
     s_flat = batch.s.reshape(M, -1, 1)  # [M, N·R, 1]
-    dtype, device = batch.B.dtype, batch.B.device
-
-    def omega(d: int) -> torch.Tensor:
-        p = min(d, rank + oversample)
-        draws = [torch.randn(d, p, generator=g, dtype=torch.float64) for g in generators]
-        return torch.stack(draws).to(device=device, dtype=dtype)
-
-    U = top_subspace(lambda X: batch.B @ X, lambda Y: batch.B.mT @ Y, omega(d_out), rank, power_iters)
-    V = top_subspace(
-        lambda X: batch.Q @ (s_flat * X), lambda Y: s_flat * (batch.Q.mT @ Y), omega(d_in), rank, power_iters
-    )
+    omega_u, omega_v = (_random_block(batch, generators, d, rank + oversample) for d in (d_out, d_in))
+    U = top_subspace(lambda X: batch.B @ X, lambda Y: batch.B.mT @ Y, omega_u, rank, power_iters)
+    V = top_subspace(lambda X: batch.Q @ (s_flat * X), lambda Y: s_flat * (batch.Q.mT @ Y), omega_v, rank, power_iters)
     return U, V
+
+
+def _random_block(batch: CanonicalBatch, generators: list[torch.Generator], d: int, columns: int) -> torch.Tensor:
+    """[M, d, min(d, columns)] Gaussian start of a range finder, drawn on the CPU from each module's generator (so it
+    does not depend on the device or the batch), in the batch's dtype and device."""
+    draws = [torch.randn(d, min(d, columns), generator=g, dtype=torch.float64) for g in generators]
+    return torch.stack(draws).to(device=batch.B.device, dtype=batch.B.dtype)
 
 
 def _without(basis: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -154,20 +153,14 @@ def extend_bases(
     M, d_out, _ = batch.B.shape
     d_in = batch.Q.shape[1]
     s_flat = batch.s.reshape(M, -1, 1)  # [M, N·R, 1]
-    dtype, device = batch.B.dtype, batch.B.device
-
-    def omega(d: int) -> torch.Tensor:
-        p = min(d, extra + oversample)
-        draws = [torch.randn(d, p, generator=g, dtype=torch.float64) for g in generators]
-        return torch.stack(draws).to(device=device, dtype=dtype)
-
+    omega_u, omega_v = (_random_block(batch, generators, d, extra + oversample) for d in (d_out, d_in))
     U_extra = top_subspace(
-        lambda X: _without(U, batch.B @ X), lambda Y: batch.B.mT @ _without(U, Y), omega(d_out), extra, power_iters
+        lambda X: _without(U, batch.B @ X), lambda Y: batch.B.mT @ _without(U, Y), omega_u, extra, power_iters
     )
     V_extra = top_subspace(
         lambda X: _without(V, batch.Q @ (s_flat * X)),
         lambda Y: s_flat * (batch.Q.mT @ _without(V, Y)),
-        omega(d_in),
+        omega_v,
         extra,
         power_iters,
     )
