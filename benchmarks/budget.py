@@ -62,7 +62,7 @@ from typing import Any, Optional
 import torch
 
 from peft_jdlora.compression import compress
-from peft_jdlora.compression.engine import AdapterSource, FactorSource
+from peft_jdlora.compression.engine import LoraFactorSource, FactorSource
 from peft_jdlora.compression.sources import read_lora_adapter
 from peft_jdlora.compression.synthetic import SyntheticSource
 
@@ -470,7 +470,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if folders:
             adapters = [read_lora_adapter(f, name=f.name) for f in folders]
             print(f"## real: {len(adapters)} LoRAs from {args.collection}", flush=True)
-            results["rows"] += run(AdapterSource(adapters), f"real-{len(adapters)}", ratios, args)
+            results["rows"] += run(LoraFactorSource(adapters), f"real-{len(adapters)}", ratios, args)
         else:
             print(f"## real: no PEFT LoRA folders under {args.collection}; skipped")
     if "shared" in parts:
@@ -478,7 +478,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if folders:
             adapters = [read_lora_adapter(f, name=f.name) for f in folders]
             print(f"## shared: {len(adapters)} LoRAs from {args.shared}", flush=True)
-            results["rows"] += run(AdapterSource(adapters), f"shared-{len(adapters)}", ratios, args)
+            results["rows"] += run(LoraFactorSource(adapters), f"shared-{len(adapters)}", ratios, args)
         else:
             modules = {m: s for m, s in SMOLLM2_QV.items() if int(m.split(".")[2]) < args.shared_layers}
             source = SharedInitSource(modules, 8, 16, drift=0.5, seed=args.seed)

@@ -11,14 +11,14 @@ same shape, on the GPU when there is one, and split over processes under torch.d
 
 from .api import compress, evaluate, is_svd_bundle, project, remove
 from .cost import bundle_floats, module_floats, parse_budget
-from .engine import AdapterSource, FactorSource
+from .engine import FactorSource, LoraFactorSource
 from .sources import AdapterReadError, LoraAdapter, check_collection, read_lora_adapter
 
 __all__ = [
     "AdapterReadError",
-    "AdapterSource",
     "FactorSource",
     "LoraAdapter",
+    "LoraFactorSource",
     "bundle_floats",
     "check_collection",
     "compress",

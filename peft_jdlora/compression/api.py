@@ -17,10 +17,10 @@ from .cluster import compact
 from .cost import per_adapter_params, stored_floats
 from .engine import (
     DEFAULT_MAX_BATCH_BYTES,
-    AdapterSource,
     Engine,
     EngineResult,
     FactorSource,
+    LoraFactorSource,
     canonical_batches,
     dist_info,
 )
@@ -72,7 +72,7 @@ def compress(
     cluster_counts: Sequence[int] = (2, 4),
     cluster_sample: int = 16,
 ) -> Optional[Bundle]:
-    """Compress a collection of LoRA adapters into a JD-LoRA bundle (DESIGN.md §1; docs/algorithms.md).
+    """Compress a collection of LoRA adapters into a JD-LoRA bundle ("Compress then Serve"; docs/algorithms.md).
 
     Args:
         adapters: `LoraAdapter` objects and/or PEFT LoRA folders (read lazily), or a `FactorSource`.
@@ -247,7 +247,9 @@ def _source_and_dtypes(
 ) -> tuple[FactorSource, torch.dtype, torch.dtype]:
     """The factor source, the storage dtype (default: the adapters') and the compute dtype (float64 when either is
     float64, else float32)."""
-    source = adapters if isinstance(adapters, FactorSource) else AdapterSource(as_adapters(adapters), check_base_model)
+    source = (
+        adapters if isinstance(adapters, FactorSource) else LoraFactorSource(as_adapters(adapters), check_base_model)
+    )
     storage_dtype = dtype or source.dtype
     if compute_dtype is None:
         compute_dtype = torch.float64 if torch.float64 in (storage_dtype, source.dtype) else torch.float32
@@ -405,7 +407,7 @@ def project(
     if not new:
         return bundle
     config = bundle.config
-    source = AdapterSource(new, check_base_model=check_base_model)
+    source = LoraFactorSource(new, check_base_model=check_base_model)
     for name in source.names:
         if name in config.adapter_names:
             raise AdapterReadError(f"the bundle already has an adapter named {name!r}; remove it first or rename.")
@@ -641,7 +643,7 @@ def evaluate(
     config = bundle.config
     slots = [config.resolve_adapter(a.name) for a in adapters]
     device = _resolve_device(device) if device is not None else torch.device("cpu")
-    source = AdapterSource(adapters, check_base_model=False)
+    source = LoraFactorSource(adapters, check_base_model=False)
     errors: dict[str, dict[str, float]] = {a.name: {} for a in adapters}
     for modules, batch in canonical_batches(source, device, torch.float64, progress, "evaluate"):
         for j, module in enumerate(modules):

@@ -39,7 +39,7 @@ _WORKSPACE_FACTOR = 6
 
 class FactorSource:
     """A collection of LoRA updates read module by module. Subclass it to feed the engine from anywhere (the
-    benchmark generates synthetic factors this way); `AdapterSource` reads `LoraAdapter` objects.
+    benchmark generates synthetic factors this way); `LoraFactorSource` reads `LoraAdapter` objects.
 
     Attributes: names (N adapter names), base_model, fan_in_fan_out, task_type, sources (provenance per adapter),
     dtype (default storage dtype).
@@ -72,7 +72,7 @@ class FactorSource:
         return params, params * dtype_bytes(self.dtype)
 
 
-class AdapterSource(FactorSource):
+class LoraFactorSource(FactorSource):
     """`LoraAdapter` objects (eager or lazy) as a factor source; checks that they can share a bundle."""
 
     def __init__(self, adapters: Sequence[LoraAdapter], check_base_model: bool = True):
