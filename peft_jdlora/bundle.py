@@ -248,16 +248,23 @@ def _resolve_folder(path_or_repo: Union[str, os.PathLike], revision: Optional[st
     )
 
 
+def read_json_object(file: Path, error: type[Exception] = BundleFormatError, holds: str = "fields") -> dict[str, Any]:
+    """The JSON object `file` holds; `error` naming the file when it is not valid JSON or holds another JSON value
+    (a config, a report: objects of `holds`)."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise error(f"{file} holds a JSON {type(data).__name__}, not an object of {holds}.")
+    return data
+
+
 def read_config(folder: Path) -> JDLoraConfig:
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise BundleFormatError(f"{folder} holds no {CONFIG_NAME}: not a PEFT adapter folder.")
-    try:
-        data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleFormatError(f"{config_file} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise BundleFormatError(f"{config_file} holds a JSON {type(data).__name__}, not an object of config fields.")
+    data = read_json_object(config_file, holds="config fields")
     if data.get("peft_type") != "JDLORA":
         raise BundleFormatError(
             f"{config_file} has peft_type {data.get('peft_type')!r}, not 'JDLORA': not a JD-LoRA bundle."

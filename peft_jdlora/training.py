@@ -391,13 +391,15 @@ def _adapters_disabled(tuner: Any) -> Iterator[None]:
 
 
 def _least_squares_core(U: torch.Tensor, V: torch.Tensor, A: torch.Tensor, B: torch.Tensor, diag: bool) -> torch.Tensor:
-    """Σ minimising ‖B A − U Σ V‖_F for one cluster: U [d_out, r], V [r, d_in], ΔW = B [d_out, k] @ A [k, d_in].
-    Full: (UᵀU)⁺ UᵀB · AVᵀ (VVᵀ)⁺; diagonal: the normal equations ((UᵀU)∘(VVᵀ)) σ = diag(UᵀB·AVᵀ)."""
+    """Σ minimising ‖B A − U Σ V‖_F for one cluster: U [d_out, r], V [r, d_in], ΔW = B [d_out, k] @ A [k, d_in]
+    (the compression's least-squares cores, in float64)."""
+    from .compression.joint import diagonal_cores, full_cores
+
     U, V, A, B = U.double(), V.double(), A.double(), B.double()
     core = (U.T @ B) @ (A @ V.T)  # [r, r] = Uᵀ ΔW Vᵀ
     if diag:
-        return torch.linalg.pinv((U.T @ U) * (V @ V.T)) @ torch.diagonal(core)
-    return torch.linalg.pinv(U.T @ U) @ core @ torch.linalg.pinv(V @ V.T)
+        return diagonal_cores(U.T @ U, V @ V.T, torch.diagonal(core))
+    return full_cores(U.T @ U, V @ V.T, core)
 
 
 @dataclass

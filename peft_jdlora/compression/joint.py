@@ -74,6 +74,18 @@ def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(matrix + ridge, rhs)
 
 
+def diagonal_cores(gram_u: torch.Tensor, gram_v: torch.Tensor, diag_t: torch.Tensor) -> torch.Tensor:
+    """Least-squares diagonal cores σ = ((UᵀU)∘(VᵀV))⁻¹ diag(Uᵀ ΔW V) for bases with Gram matrices gram_u, gram_v
+    [..., r, r] and diag_t = diag(Uᵀ ΔW V) [..., r] (leading dimensions broadcast) -> [..., r]."""
+    return solve_spd(gram_u * gram_v, diag_t.unsqueeze(-1)).squeeze(-1)
+
+
+def full_cores(gram_u: torch.Tensor, gram_v: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """Least-squares full cores Σ = (UᵀU)⁻¹ T (VᵀV)⁻¹ for T = Uᵀ ΔW V [..., r, r] (leading dimensions broadcast)."""
+    left = solve_spd(gram_u, T)  # (UᵀU)⁻¹ T
+    return solve_spd(gram_v, left.mT).mT  # … (VᵀV)⁻¹ (VᵀV symmetric)
+
+
 def core_products(batch: CanonicalBatch, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """G_i = B̃_iᵀ U and H_i = Q_iᵀ V for all adapters: two batched GEMMs -> ([M, N, R, r], [M, N, R, r]).
     Uᵀ ΔW̃_i V = G_iᵀ H_i."""
@@ -310,8 +322,7 @@ def _als(
         G = (B.mT @ U).view(m, N, R, r)
         H = (Q.mT @ V).view(m, N, R, r)
         d = (G * H).sum(2)  # [m, N, r]  diag(Uᵀ ΔW_i V)
-        gram = (U.mT @ U) * (V.mT @ V)  # [m, r, r]
-        sigma = solve_spd(gram.unsqueeze(1), d.unsqueeze(-1)).squeeze(-1)  # [m, N, r]
+        sigma = diagonal_cores((U.mT @ U).unsqueeze(1), (V.mT @ V).unsqueeze(1), d)  # [m, N, r]
         error = total - (sigma * d).sum((1, 2))  # at the LS σ, σᵀGσ = σᵀd
         return sigma, error, G, H
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from .joint import core_products, solve_spd
+from .joint import core_products, diagonal_cores, full_cores
 from .svd import CanonicalBatch
 
 
@@ -31,12 +31,8 @@ def least_squares_sigma(
     G, H = core_products(batch, U, V)
     T = G.mT @ H  # [M, N, r, r]
     gram_u, gram_v = U.mT @ U, V.mT @ V
-    if diag:
-        d = T.diagonal(dim1=-2, dim2=-1)  # [M, N, r]
-        sigma = solve_spd((gram_u * gram_v).unsqueeze(1), d.unsqueeze(-1)).squeeze(-1)
-    else:
-        left = solve_spd(gram_u.unsqueeze(1), T)  # (UᵀU)⁻¹ T
-        sigma = solve_spd(gram_v.unsqueeze(1), left.mT).mT  # … (VᵀV)⁻¹ (VᵀV symmetric)
+    cores = diagonal_cores if diag else full_cores
+    sigma = cores(gram_u.unsqueeze(1), gram_v.unsqueeze(1), T.diagonal(dim1=-2, dim2=-1) if diag else T)
     return sigma, T, gram_u, gram_v
 
 
@@ -95,7 +91,7 @@ def own_basis_cores(
     H = batch.right_vectors().mT @ V  # [M, N, R, r]
     T = G.mT @ H  # [M, N, r, r]
     gram_u, gram_v = U.mT @ U, V.mT @ V  # [M, N, r, r]
-    sigma = solve_spd(gram_u * gram_v, T.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)).squeeze(-1)  # [M, N, r]
+    sigma = diagonal_cores(gram_u, gram_v, T.diagonal(dim1=-2, dim2=-1))  # [M, N, r]
     stored = sigma_for_storage(sigma, batch.norm, storage_dtype)
     return stored, stored_errors(batch, stored, T, gram_u, gram_v)
 

@@ -17,7 +17,6 @@ that modify the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -28,12 +27,10 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..bundle import CONFIG_NAME, FLOAT_DTYPES, KEY_PREFIX, read_json_object
+from ..bundle import PICKLED_WEIGHTS_NAME as BIN_NAME
+from ..bundle import WEIGHTS_NAME as SAFETENSORS_NAME
 from ..config import pattern_key  # PEFT's rule, as the bundle config applies it
-
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
-KEY_PREFIX = "base_model.model."
 
 # `lora_A.weight`, `lora_B.weight`, optionally with the adapter name PEFT strips on save (`lora_A.default.weight`).
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -185,13 +182,7 @@ def _load_config(folder: Path) -> dict[str, Any]:
         raise AdapterReadError(f"{folder} is not a folder: a PEFT LoRA adapter is a folder holding {CONFIG_NAME}.")
     if not config_file.is_file():
         raise AdapterReadError(f"{folder} holds no {CONFIG_NAME}: not a PEFT adapter folder.")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterReadError(f"{config_file} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise AdapterReadError(f"{config_file} does not hold a JSON object.")
-    return config
+    return read_json_object(config_file, AdapterReadError, holds="config fields")
 
 
 def _check_config(config: Mapping[str, Any], where: str) -> None:
@@ -428,17 +419,10 @@ def read_lora_adapter(
 
 
 def _safetensors_dtype(name: str) -> torch.dtype:
-    table = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "float64": torch.float64,
-        "float32": torch.float32,
-        "float16": torch.float16,
-        "bfloat16": torch.bfloat16,
-    }
-    return table.get(str(name), torch.float32)
+    """The torch dtype of a safetensors dtype name ("F32", or "float32" from older safetensors); float32 for dtypes a
+    LoRA is not stored in."""
+    dtype = FLOAT_DTYPES.get(str(name)) or getattr(torch, str(name), None)
+    return dtype if dtype in FLOAT_DTYPES.values() else torch.float32
 
 
 def as_adapters(adapters: Sequence[Union[LoraAdapter, str, os.PathLike]], lazy: bool = True) -> list[LoraAdapter]:
