@@ -214,3 +214,25 @@ def punica_token_slots(worker) -> list[int]:
     """Runs inside a vLLM worker: the per-token LoRA slots vLLM's own LoRA layers saw in the last step."""
     manager = worker.model_runner.lora_manager._adapter_manager
     return [int(i) for wrapper in manager.punica_wrapper_mapping.values() for i in wrapper.token_lora_indices.tolist()]
+
+
+def tiny_engine(base_dir: Path, jdlora: Optional[dict], **overrides):
+    """A vLLM engine for the tiny Llama on CPU: fp32, eager, small KV cache, no tokenizer, LoRA on, and the plugin's
+    settings `jdlora` (None: no jdlora entry)."""
+    from vllm import LLM
+
+    args = dict(
+        model=str(base_dir),
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        kv_cache_memory_bytes=32 << 20,
+        max_model_len=128,
+        dtype="float32",
+        enable_lora=True,
+        max_loras=4,
+        max_lora_rank=8,
+        seed=0,
+        additional_config={} if jdlora is None else {"jdlora": jdlora},
+    )
+    args.update(overrides)
+    return LLM(**args)

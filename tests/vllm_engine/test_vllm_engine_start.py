@@ -10,9 +10,16 @@ import pytest
 pytest.importorskip("vllm", reason="the vLLM plugin tests run in the vLLM virtual environment (scripts/test_vllm.sh)")
 
 import torch
-from jd_vllm_helpers import lora_layer_kinds, make_bundle, save, save_tiny_llama, tiny_llama_config, vllm_generations
+from jd_vllm_helpers import (
+    lora_layer_kinds,
+    make_bundle,
+    save,
+    save_tiny_llama,
+    tiny_engine,
+    tiny_llama_config,
+    vllm_generations,
+)
 from transformers import LlamaForCausalLM
-from vllm import LLM
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +59,7 @@ def _lm_head_bundle(base, folder):
 
 
 def _start(models, jdlora, **engine_args):
-    args = dict(
-        model=str(models["base"]),
-        skip_tokenizer_init=True,
-        enforce_eager=True,
-        kv_cache_memory_bytes=32 << 20,
-        max_model_len=64,
-        dtype="float32",
-        enable_lora=True,
-        max_loras=2,
-        max_lora_rank=8,
-        additional_config={"jdlora": jdlora} if jdlora is not None else {},
-    )
-    args.update(engine_args)
-    return LLM(**args)
+    return tiny_engine(models["base"], jdlora, **{"max_loras": 2, "max_model_len": 64, **engine_args})
 
 
 def _fails(models, jdlora, match, **engine_args):

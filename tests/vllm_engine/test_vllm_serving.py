@@ -22,10 +22,10 @@ from jd_vllm_helpers import (
     save,
     save_plain_lora,
     save_tiny_llama,
+    tiny_engine,
     vllm_generations,
 )
 from transformers import LlamaForCausalLM
-from vllm import LLM
 from vllm.exceptions import VLLMValidationError
 from vllm.lora.request import LoRARequest
 
@@ -83,28 +83,18 @@ def collection(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(collection):
-    engine = LLM(
-        model=str(collection["base"]),
-        skip_tokenizer_init=True,
-        enforce_eager=True,
-        kv_cache_memory_bytes=64 << 20,
-        max_model_len=128,
-        dtype="float32",
-        enable_lora=True,
-        max_loras=4,
-        max_lora_rank=8,
-        max_cpu_loras=8,
-        seed=0,
-        additional_config={
-            "jdlora": {
-                "bundles": [
-                    str(collection["plan"]),
-                    {"path": str(collection["half"]), "name": "half"},
-                    str(collection["big"]),
-                ],
-                "plain_lora_slots": 1,
-            }
+    engine = tiny_engine(
+        collection["base"],
+        {
+            "bundles": [
+                str(collection["plan"]),
+                {"path": str(collection["half"]), "name": "half"},
+                str(collection["big"]),
+            ],
+            "plain_lora_slots": 1,
         },
+        max_cpu_loras=8,
+        kv_cache_memory_bytes=64 << 20,
     )
     yield engine
     del engine

@@ -16,10 +16,10 @@ from jd_vllm_helpers import (
     save,
     save_plain_lora,
     save_tiny_llama,
+    tiny_engine,
     vllm_generations,
 )
 from transformers import LlamaForCausalLM
-from vllm import LLM
 from vllm.lora.request import LoRARequest
 
 NAMES = ["t0", "t1", "t2", "t3", "t4"]
@@ -46,19 +46,12 @@ def test_tensor_parallel_2_matches_peft(tmp_path, monkeypatch):
         "plan": save(plan, tmp_path / "plan"),
         "lora": save_plain_lora(base, tmp_path / "lora", ("q_proj", "o_proj", "up_proj"), r=8),
     }
-    llm = LLM(
-        model=str(base_dir),
-        skip_tokenizer_init=True,
-        enforce_eager=True,
-        kv_cache_memory_bytes=32 << 20,
+    llm = tiny_engine(
+        base_dir,
+        {"bundles": [str(collection["plan"])], "plain_lora_slots": 1},
         max_model_len=64,
-        dtype="float32",
-        enable_lora=True,
-        max_loras=4,
-        max_lora_rank=8,
         tensor_parallel_size=2,
         distributed_executor_backend="mp",
-        additional_config={"jdlora": {"bundles": [str(collection["plan"])], "plain_lora_slots": 1}},
     )
     plan_dir = str(collection["plan"])
     rows = [
