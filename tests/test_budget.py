@@ -4,6 +4,7 @@ worse than the fixed-rank baselines at equal floats, exact float accounting, tar
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -463,21 +464,12 @@ def test_nested_curves_one_fit_per_family():
         fixed.report["overall"]["mean_error"], rel=1e-9, abs=1e-12
     )
     from peft_jdlora.compression.curves import CurveFitter, Family
+    from peft_jdlora.compression.engine import Placement
+    from peft_jdlora.compression.settings import CompressionSettings
 
-    fitter = CurveFitter(
-        source,
-        families=[Family("jd1", (0,) * N)],
-        fit_rank=6,
-        limit=None,
-        device=torch.device("cpu"),
-        compute_dtype=torch.float64,
-        storage_dtype=torch.float64,
-        seed=0,
-        max_iter=100,
-        tol=1e-3,
-        stall_tol=1e-5,
-        progress=False,
-    )
+    placement = Placement(torch.device("cpu"), compute_dtype=torch.float64, storage_dtype=torch.float64)
+    settings = CompressionSettings(seed=0, max_iter=100, tol=1e-3, stall_tol=1e-5)
+    fitter = CurveFitter(source, settings, placement, families=[Family("jd1", (0,) * N)], fit_rank=6, limit=None)
     curves = fitter.curves()
     for module, c in curves.items():
         jd = sorted((o for o in c.options if o.family == "jd1"), key=lambda o: o.rank)
@@ -518,26 +510,17 @@ def test_clusters_are_chosen_on_a_sample_and_pruned_when_unused():
 
 
 def test_engine_gives_every_smaller_cluster_count_on_the_way():
-    from peft_jdlora.compression.engine import Engine
+    from peft_jdlora.compression.engine import Engine, Placement
+    from peft_jdlora.compression.settings import CompressionSettings
 
     source = collection("families", noise=0.3)
-    settings = {
-        "rank": 4,
-        "method": "jd",
-        "sigma": "full",
-        "max_iter": 100,
-        "tol": 1e-3,
-        "stall_tol": 1e-5,
-        "device": "cpu",
-        "compute_dtype": torch.float64,
-        "storage_dtype": torch.float64,
-        "seed": 0,
-        "progress": False,
-    }
-    found = Engine(source, **settings).run(clusters=3, assignments_only=True)
+    placement = Placement(torch.device("cpu"), compute_dtype=torch.float64, storage_dtype=torch.float64)
+    settings = CompressionSettings(rank=4, method="jd", sigma="full", max_iter=100, tol=1e-3, stall_tol=1e-5, seed=0)
+    found = Engine(source, replace(settings, clusters=3), placement).run(assignments_only=True)
     assert found.modules is None
     for k in (2, 3):
-        assert found.assignments_by_count[k] == Engine(source, **settings).run(clusters=k).assignment
+        engine = Engine(source, replace(settings, clusters=k), placement)
+        assert found.assignments_by_count[k] == engine.run().assignment
 
 
 def test_cli_default_is_a_budget_plan_and_fixed_shapes_keep_their_meaning(tmp_path, capsys):

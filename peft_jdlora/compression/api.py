@@ -16,11 +16,11 @@ from ..config import JDLoraConfig
 from .cluster import compact
 from .cost import per_adapter_params, stored_floats
 from .engine import (
-    DEFAULT_MAX_BATCH_BYTES,
     Engine,
     EngineResult,
     FactorSource,
     LoraFactorSource,
+    Placement,
     canonical_batches,
     dist_info,
 )
@@ -34,6 +34,13 @@ from .metrics import (
     size_report,
     stored_errors,
     summarise,
+)
+from .settings import (
+    DEFAULT_CLUSTER_COUNTS,
+    DEFAULT_CLUSTER_SAMPLE,
+    DEFAULT_MAX_BATCH_BYTES,
+    CompressionSettings,
+    CompressionSettingsError,
 )
 from .sources import AdapterReadError, LoraAdapter, as_adapters
 from .svd import svd_baseline, truncated_svd
@@ -49,211 +56,140 @@ def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
 
 def compress(
     adapters: Union[Sequence[AdapterLike], FactorSource],
+    settings: Optional[CompressionSettings] = None,
     *,
-    rank: int = 16,
-    sigma: Literal["full", "diag"] = "full",
-    clusters: Union[int, Literal["auto"]] = 1,
+    rank: Optional[int] = None,
+    sigma: Optional[Literal["full", "diag"]] = None,
+    clusters: Union[int, Literal["auto"], None] = None,
     target_error: Optional[float] = None,
-    method: Literal["jd", "svd"] = "jd",
+    method: Optional[Literal["jd", "svd"]] = None,
     max_iter: int = 100,
     tol: float = 1e-3,
     device: Union[str, torch.device, None] = None,
-    dtype: Optional[torch.dtype] = None,
+    dtype: Union[torch.dtype, str, None] = None,
     seed: int = 0,
     progress: bool = True,
     stall_tol: float = 1e-5,
-    compute_dtype: Optional[torch.dtype] = None,
+    compute_dtype: Union[torch.dtype, str, None] = None,
     max_clusters: Optional[int] = None,
     max_cluster_iter: int = 20,
     check_base_model: bool = True,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     budget: Union[int, float, str, None] = None,
     target_error_every: bool = False,
-    cluster_counts: Sequence[int] = (2, 4),
-    cluster_sample: int = 16,
+    cluster_counts: Sequence[int] = DEFAULT_CLUSTER_COUNTS,
+    cluster_sample: int = DEFAULT_CLUSTER_SAMPLE,
 ) -> Optional[Bundle]:
     """Compress a collection of LoRA adapters into a JD-LoRA bundle ("Compress then Serve"; docs/algorithms.md).
 
     Args:
         adapters: `LoraAdapter` objects and/or PEFT LoRA folders (read lazily), or a `FactorSource`.
-        rank: rank r of the shared basis per module (capped where more cannot help: see `engine.target_rank`); for
-            `method="svd"`, the rank r' each adapter is truncated to.
-        sigma: `"full"` (Σ_i is r×r, JD-Full) or `"diag"` (Σ_i diagonal, JD-Diag initialised from JD-Full).
-        clusters: number of shared bases per module (one cluster per adapter for all modules), or `"auto"`: the
-            smallest number whose bundle meets `target_error` (mean over adapters of their mean module error).
-        target_error: the error `clusters="auto"` must reach.
-        method: `"jd"` (joint) or `"svd"` (per-adapter SVD of rank r': one singleton cluster per adapter with a
-            diagonal core, served through the same format).
-        max_iter, tol: iteration cap and stopping tolerance (subspace change for JD-Full, relative objective decrease
-            for JD-Diag).
-        stall_tol: JD-Full also stops a module when an iteration lowers its error by less than this fraction (the
-            subspaces of unrelated adapters drift for hundreds of iterations without changing the fit); 0 disables.
-        device: where to compute (default: CUDA when available).
-        dtype: storage dtype of the bundle (default: the source adapters' dtype).
-        seed: seeds the random starts and the cluster seeding; results are deterministic given it.
+        settings: all settings as one `CompressionSettings` (as the jdlora tools pass them), instead of the keyword
+            arguments below.
         progress: tqdm progress bars (rank 0 only).
-        compute_dtype: dtype of the computation (default float32, or float64 for float64 adapters or storage).
-        max_clusters: upper bound for `clusters="auto"` (default: the number of adapters).
-        max_cluster_iter: cap on fit/reassign passes of the cluster alternation.
-        check_base_model: refuse adapters whose `base_model_name_or_path` differ.
-        max_batch_bytes: memory budget of one batch of modules.
-        budget: a budget plan instead of a fixed rank (see `budget.py`): the bundle's size in bytes of the storage
-            dtype (an int, or "4MB", "4MiB"), a ratio like "16x" (16 times smaller than the source adapters), or
-            "r16" (the size of the bundle `rank=16` gives); the representation (shared bases, clusters or
-            per-adapter SVD), rank and clusters are chosen per module to minimise the mean error, never above the
-            better of per-adapter SVD and one shared basis within the same budget. `budget="auto"` picks the smallest
-            bundle meeting `target_error`. `rank`, `sigma`, `clusters` and `method` do not apply. `jdlora-convert`
-            without size or shape options builds `budget=cost.DEFAULT_BUDGET` ("r16") with
-            `cluster_counts=cost.DEFAULT_PLAN_CLUSTER_COUNTS` (none).
-        target_error_every: with `budget="auto"`, every adapter (not the mean over adapters) must meet `target_error`.
-        cluster_counts: cluster counts a budget plan considers besides one shared basis and per-adapter SVD.
-        cluster_sample: how many modules a budget plan chooses its clusters on (and prunes cluster counts its plan of
-            them does not use).
+
+    The other keyword arguments are the fields of `CompressionSettings`, where each is described:
+
+    - a fixed shape: `rank` (default 16; capped per module where more cannot help, see `cost.target_rank`), `sigma`
+      ("full" or "diag"), `clusters` (a number, or "auto" with `target_error`), `method` ("jd", or "svd": per-adapter
+      SVD in the same format);
+    - or a budget plan: `budget` (bytes, "4MB", a ratio "16x", "r16": the size `rank=16` gives; or "auto" with
+      `target_error`, `target_error_every`), `cluster_counts`, `cluster_sample`; the representation (shared bases,
+      clusters or per-adapter SVD), rank and clusters are chosen per module to minimise the mean error, never above
+      the better of per-adapter SVD and one shared basis within the same budget (see `budget.py`);
+    - the fit: `max_iter`, `tol`, `stall_tol`, `max_clusters`, `max_cluster_iter`, `seed`; where it runs: `device`,
+      `dtype` (storage), `compute_dtype`, `max_batch_bytes`; and `check_base_model`.
 
     Returns:
         The bundle, with `bundle.report` (fidelity, sizes, timings; for `method="jd"` in one process, also
         "svd_baseline": the exact error of a per-adapter SVD around the same size, see `svd.svd_baseline`) and
         `config.adapter_sources` filled. Under `torch.distributed` the modules are split over the processes and the
         bundle is returned on rank 0 only (None on the other ranks).
-    """
-    if method not in ("jd", "svd"):
-        raise ValueError(f"method must be 'jd' or 'svd', got {method!r}.")
-    if sigma not in ("full", "diag"):
-        raise ValueError(f"sigma must be 'full' or 'diag', got {sigma!r}.")
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
-    if max_iter < 1 or not tol > 0:
-        raise ValueError(f"max_iter must be >= 1 and tol > 0 (got {max_iter}, {tol}).")
-    if budget is not None:
-        return _compress_budget(
-            adapters,
-            budget=budget,
-            target_error=target_error,
-            every=target_error_every,
-            cluster_counts=cluster_counts,
-            cluster_sample=cluster_sample,
-            fixed={"clusters": (clusters, 1), "method": (method, "jd")},
-            max_iter=max_iter,
-            tol=tol,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            progress=progress,
-            stall_tol=stall_tol,
-            compute_dtype=compute_dtype,
-            check_base_model=check_base_model,
-            max_batch_bytes=max_batch_bytes,
-        )
-    if clusters == "auto":
-        if method == "svd":
-            raise ValueError("clusters='auto' applies to method='jd'; per-adapter SVD has one basis per adapter.")
-        if target_error is None or not target_error >= 0:
-            raise ValueError("clusters='auto' needs target_error (the mean error the bundle must reach).")
-    elif isinstance(clusters, int) and not isinstance(clusters, bool) and clusters >= 1:
-        if method == "svd" and clusters != 1:
-            raise ValueError("per-adapter SVD (method='svd') has one basis per adapter; clusters do not apply.")
-        if target_error is not None:
-            raise ValueError("target_error is used with clusters='auto' only.")
-    else:
-        raise ValueError(f"clusters must be a positive integer or 'auto', got {clusters!r}.")
 
-    source, storage_dtype, compute_dtype = _source_and_dtypes(adapters, check_base_model, dtype, compute_dtype)
-    device = _resolve_device(device)
-    engine = Engine(
-        source,
+    Raises:
+        CompressionSettingsError: (a `ValueError`) settings out of range or that do not go together, named; checked
+            before any adapter is read.
+        AdapterReadError: adapters that cannot be read or cannot share a bundle.
+    """
+    options = CompressionSettings(
         rank=rank,
+        sigma=sigma,
+        clusters=clusters,
+        target_error=target_error,
         method=method,
-        sigma="diag" if method == "svd" else sigma,
+        budget=budget,
+        target_error_every=target_error_every,
+        cluster_counts=cluster_counts,
+        cluster_sample=cluster_sample,
         max_iter=max_iter,
         tol=tol,
         stall_tol=stall_tol,
-        device=device,
-        compute_dtype=compute_dtype,
-        storage_dtype=storage_dtype,
+        max_clusters=max_clusters,
+        max_cluster_iter=max_cluster_iter,
         seed=seed,
-        progress=progress,
+        device=device,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
         max_batch_bytes=max_batch_bytes,
+        check_base_model=check_base_model,
     )
-    result = engine.run(clusters, target_error, max_cluster_iter=max_cluster_iter, max_clusters=max_clusters)
+    if settings is None:
+        settings = options
+    elif options.options_given:
+        given = ", ".join(f"«{name}»" for name in sorted(options.options_given))
+        raise CompressionSettingsError(f"give the settings as `settings` or as keyword arguments ({given}), not both.")
+    source = _factor_source(adapters, settings.check_base_model)
+    placement = Placement.of(settings, source)
+    if settings.is_plan:
+        return _compress_budget(source, settings, placement, progress)
+    engine = Engine(source, settings, placement, progress=progress)
+    result = engine.run()
     if result.modules is None:
         return None
-    bundle = _build_bundle(source, result, method, "diag" if method == "svd" else sigma, rank, storage_dtype)
+    bundle = _build_bundle(source, result, settings, placement.storage_dtype)
     bundle.report.update(
         {
             "seconds": result.seconds,
-            "device": str(device),
+            "device": str(placement.device),
             "world_size": engine.world,
-            "compute_dtype": dtype_name(compute_dtype),
-            "seed": seed,
-            "tol": tol,
-            "stall_tol": stall_tol,
-            "max_iter": max_iter,
-            "clusters_requested": clusters,
-            "target_error": target_error,
+            "compute_dtype": dtype_name(placement.compute_dtype),
+            "seed": settings.seed,
+            "tol": settings.tol,
+            "stall_tol": settings.stall_tol,
+            "max_iter": settings.max_iter,
+            "clusters_requested": settings.clusters,
+            "target_error": settings.target_error,
         }
     )
-    if method == "jd" and engine.world == 1:
+    if settings.method == "jd" and engine.world == 1:
         # Whether the same bytes as per-adapter SVD would do better (unrelated adapters): the hint to use a budget.
-        batches = canonical_batches(source, device, compute_dtype, max_batch_bytes=max_batch_bytes)
+        batches = canonical_batches(
+            source, placement.device, placement.compute_dtype, max_batch_bytes=settings.max_batch_bytes
+        )
         bundle.report["svd_baseline"] = svd_baseline(source, bundle.report["params"]["bundle"], batches)
     return bundle
 
 
 def _compress_budget(
-    adapters: Union[Sequence[AdapterLike], FactorSource],
-    *,
-    budget: Union[int, float, str],
-    target_error: Optional[float],
-    every: bool,
-    cluster_counts: Sequence[int],
-    fixed: dict[str, tuple[Any, Any]],
-    device: Union[str, torch.device, None],
-    dtype: Optional[torch.dtype],
-    compute_dtype: Optional[torch.dtype],
-    check_base_model: bool,
-    **kwargs: Any,
+    source: FactorSource, settings: CompressionSettings, placement: Placement, progress: bool
 ) -> Optional[Bundle]:
     """`compress(..., budget=...)`: a budget plan (see `budget.compress_with_budget`)."""
     from .budget import compress_with_budget
 
-    given = [name for name, (value, default) in fixed.items() if value != default]
-    if given:
-        raise ValueError(f"a budget plan chooses the clusters and representation per module; drop {given}.")
-    source, storage_dtype, compute_dtype = _source_and_dtypes(adapters, check_base_model, dtype, compute_dtype)
-    resolved = _resolve_device(device)
-    bundle = compress_with_budget(
-        source,
-        budget=budget,
-        target_error=target_error,
-        every=every,
-        cluster_counts=cluster_counts,
-        device=resolved,
-        compute_dtype=compute_dtype,
-        storage_dtype=storage_dtype,
-        **kwargs,
-    )
+    bundle = compress_with_budget(source, settings, placement, progress=progress)
     if bundle is None:  # a process other than rank 0 under torch.distributed
         return None
     world = dist_info()[1]
-    bundle.report.update({"device": str(resolved), "world_size": world, "compute_dtype": dtype_name(compute_dtype)})
+    bundle.report.update(
+        {"device": str(placement.device), "world_size": world, "compute_dtype": dtype_name(placement.compute_dtype)}
+    )
     return bundle
 
 
-def _source_and_dtypes(
-    adapters: Union[Sequence[AdapterLike], FactorSource],
-    check_base_model: bool,
-    dtype: Optional[torch.dtype],
-    compute_dtype: Optional[torch.dtype],
-) -> tuple[FactorSource, torch.dtype, torch.dtype]:
-    """The factor source, the storage dtype (default: the adapters') and the compute dtype (float64 when either is
-    float64, else float32)."""
-    source = (
-        adapters if isinstance(adapters, FactorSource) else LoraFactorSource(as_adapters(adapters), check_base_model)
-    )
-    storage_dtype = dtype or source.dtype
-    if compute_dtype is None:
-        compute_dtype = torch.float64 if torch.float64 in (storage_dtype, source.dtype) else torch.float32
-    return source, storage_dtype, compute_dtype
+def _factor_source(adapters: Union[Sequence[AdapterLike], FactorSource], check_base_model: bool) -> FactorSource:
+    if isinstance(adapters, FactorSource):
+        return adapters
+    return LoraFactorSource(as_adapters(adapters), check_base_model)
 
 
 def _json_safe(value: Any) -> Any:
@@ -261,8 +197,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def _build_bundle(
-    source: FactorSource, result: EngineResult, method: str, sigma_type: str, rank: int, storage_dtype: torch.dtype
+    source: FactorSource, result: EngineResult, settings: CompressionSettings, storage_dtype: torch.dtype
 ) -> Bundle:
+    method, sigma_type, rank = settings.method, settings.sigma, settings.rank
     names = list(source.names)
     modules = {m: ModuleFactors(res.U, res.V, res.sigma) for m, res in result.modules.items()}
     ranks = {m: f.U.shape[-1] for m, f in modules.items()}

@@ -36,20 +36,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Optional, Union
-
-import torch
+from typing import Any, Optional
 
 from ..bundle import Bundle, ModuleFactors
-from .cost import BudgetLike, budget_to_floats, module_floats, per_adapter_params, stored_floats, uniform_floats
+from .cost import budget_to_floats, module_floats, per_adapter_params, stored_floats, uniform_floats
 from .curves import CurveFitter, Family
-from .engine import DEFAULT_MAX_BATCH_BYTES, Engine, FactorSource, ModuleSubset, gather_to_rank0
+from .engine import Engine, FactorSource, ModuleSubset, Placement, gather_to_rank0
 from .metrics import dtype_bytes, dtype_name, size_report, summarise
 from .plan_io import budget_report, plan_config, plan_report
 from .planner import ModuleCurves, optimise, plan_for_target
-
-DEFAULT_CLUSTER_COUNTS = (2, 4)
-DEFAULT_CLUSTER_SAMPLE = 16
+from .settings import DEFAULT_CLUSTER_COUNTS, DEFAULT_CLUSTER_SAMPLE, CompressionSettings, CompressionSettingsError
 
 
 def anchor_rank(shapes: dict[str, tuple[int, int]], ranks: dict[str, list[int]], budget_floats: float) -> int:
@@ -79,43 +75,28 @@ def sample_modules(shapes: dict[str, tuple[int, int]], count: int) -> list[str]:
 
 def cluster_assignments(
     source: FactorSource,
-    counts: Sequence[int],
+    settings: CompressionSettings,
+    placement: Placement,
     *,
     modules: Sequence[str],
     rank: int,
-    device: torch.device,
-    compute_dtype: torch.dtype,
-    storage_dtype: torch.dtype,
-    seed: int,
-    max_iter: int,
-    tol: float,
-    stall_tol: float,
-    progress: bool,
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    progress: bool = False,
 ) -> dict[str, list[int]]:
-    """{"jd1": all zeros, "jd<C>": the engine's C-cluster assignment at `rank` on `modules`}, from one engine run
-    with the largest count (the smaller ones are on its way); duplicates and counts that found one cluster dropped."""
+    """{"jd1": all zeros, "jd<C>": the engine's C-cluster assignment at `rank` on `modules`} for the settings'
+    `cluster_counts`, from one engine run with the largest count (the smaller ones are on its way); duplicates and
+    counts that found one cluster dropped."""
     N = len(source.names)
     out: dict[str, list[int]] = {"jd1": [0] * N}
-    wanted = sorted({int(k) for k in counts if 1 < int(k) < N})
+    wanted = sorted({int(k) for k in settings.cluster_counts if 1 < int(k) < N})
     if not wanted:
         return out
     engine = Engine(
         ModuleSubset(source, modules),
-        rank=rank,
-        method="jd",
-        sigma="full",
-        max_iter=max_iter,
-        tol=tol,
-        stall_tol=stall_tol,
-        device=device,
-        compute_dtype=compute_dtype,
-        storage_dtype=storage_dtype,
-        seed=seed,
+        settings.fixed_shape(rank=rank, clusters=wanted[-1]),
+        placement,
         progress=progress,
-        max_batch_bytes=max_batch_bytes,
     )
-    found = engine.run(clusters=wanted[-1], assignments_only=True).assignments_by_count
+    found = engine.run(assignments_only=True).assignments_by_count
     for k in wanted:
         if k not in found:  # seeding stopped early: every adapter was exact with fewer clusters
             continue
@@ -143,35 +124,22 @@ def _limits(cheapest: dict[str, int], lossless: dict[str, int], budget_floats: i
 
 def compress_with_budget(
     source: FactorSource,
+    settings: CompressionSettings,
+    placement: Placement,
     *,
-    budget: Union[BudgetLike, None],
-    target_error: Optional[float] = None,
-    every: bool = False,
-    cluster_counts: Sequence[int] = DEFAULT_CLUSTER_COUNTS,
-    cluster_rank: Optional[int] = None,
-    cluster_sample: int = DEFAULT_CLUSTER_SAMPLE,
-    device: torch.device,
-    compute_dtype: torch.dtype,
-    storage_dtype: torch.dtype,
-    seed: int = 0,
-    max_iter: int = 100,
-    tol: float = 1e-3,
-    stall_tol: float = 1e-5,
     progress: bool = True,
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    cluster_rank: Optional[int] = None,
     max_share: float = 4.0,
 ) -> Optional[Bundle]:
-    """A bundle whose per-module representation, rank and clusters minimise the mean error within `budget` (bytes,
-    a ratio like "16x", or "r16": the size of `compress(rank=16)`), or (`budget="auto"`) the smallest one meeting
-    `target_error`. See the module docstring; `compress(..., budget=...)` is the public entry point. Returns None on
-    processes other than rank 0 under torch.distributed."""
+    """The bundle of a budget plan (`settings.budget`: bytes, a ratio like "16x", or "r16": the size of
+    `compress(rank=16)`; or "auto": the smallest plan meeting `settings.target_error`) whose per-module representation,
+    rank and clusters minimise the mean error. See the module docstring; `compress(..., budget=...)` is the public
+    entry point. Returns None on processes other than rank 0 under torch.distributed."""
+    if not settings.is_plan:
+        raise ValueError("compress_with_budget needs settings with a budget; compress() runs fixed shapes.")
+    budget, target_error, every = settings.budget, settings.target_error, settings.target_error_every
     auto = budget == "auto"
-    if auto and (target_error is None or not target_error >= 0):
-        raise ValueError("budget='auto' picks the smallest bundle meeting target_error: give target_error >= 0.")
-    if not auto and target_error is not None:
-        raise ValueError("give either a budget or budget='auto' with target_error, not both.")
-    if cluster_sample < 1:
-        raise ValueError(f"cluster_sample must be at least 1, got {cluster_sample!r}.")
+    storage_dtype = placement.storage_dtype
     start = time.perf_counter()
     names = list(source.names)
     N = len(names)
@@ -189,8 +157,8 @@ def compress_with_budget(
     if budget_floats is not None:
         floor = sum(cheapest.values())
         if budget_floats < floor:
-            raise ValueError(
-                f"the budget ({budget_floats} floats = {budget_floats * itemsize} bytes in "
+            raise CompressionSettingsError(
+                f"the «budget» ({budget_floats} floats = {budget_floats * itemsize} bytes in "
                 f"{dtype_name(storage_dtype)}) is below the smallest bundle of this collection ({floor} floats = "
                 f"{floor * itemsize} bytes: rank 1 everywhere)."
             )
@@ -198,27 +166,18 @@ def compress_with_budget(
         fit_rank = max(1, anchor_rank(shapes, ranks, budget_floats))
     else:
         fit_rank = 2 * max_lora_rank  # no budget: fit where a target is usually met; SVD reaches lossless anyway
-    settings = {
-        "device": device,
-        "compute_dtype": compute_dtype,
-        "storage_dtype": storage_dtype,
-        "seed": seed,
-        "max_iter": max_iter,
-        "tol": tol,
-        "stall_tol": stall_tol,
-        "progress": progress,
-        "max_batch_bytes": max_batch_bytes,
-    }
 
     timings: dict[str, Any] = {}
     clock = time.perf_counter()
-    sample = sample_modules(shapes, cluster_sample)
+    sample = sample_modules(shapes, settings.cluster_sample)
     assignments = cluster_assignments(
-        source, cluster_counts, modules=sample, rank=cluster_rank or max_lora_rank, **settings
+        source, settings, placement, modules=sample, rank=cluster_rank or max_lora_rank, progress=progress
     )
     timings["clusters"] = time.perf_counter() - clock
     families = [Family(name, tuple(a)) for name, a in assignments.items()]
-    fitter = CurveFitter(source, families=families, fit_rank=fit_rank, limit=limit, **settings)
+    fitter = CurveFitter(
+        source, settings, placement, families=families, fit_rank=fit_rank, limit=limit, progress=progress
+    )
 
     clock = time.perf_counter()
     pruned: list[str] = []
@@ -282,7 +241,7 @@ def compress_with_budget(
             assignments=assignments,
             module_counts=module_counts,
             fit_rank=fit_rank,
-            cluster_counts=cluster_counts,
+            cluster_counts=settings.cluster_counts,
             pruned=pruned,
             sample=len(sample),
         ),
@@ -292,10 +251,10 @@ def compress_with_budget(
         "seconds": time.perf_counter() - start,
         "timings": timings,
         "max_share": max_share,
-        "seed": seed,
-        "tol": tol,
-        "stall_tol": stall_tol,
-        "max_iter": max_iter,
+        "seed": settings.seed,
+        "tol": settings.tol,
+        "stall_tol": settings.stall_tol,
+        "max_iter": settings.max_iter,
         "target_error": target_error,
     }
     return Bundle(config=config, modules=modules, report=report)

@@ -41,18 +41,11 @@ from tqdm.auto import tqdm
 
 from ..bundle import ModuleFactors
 from .cost import module_floats
-from .engine import (
-    DEFAULT_MAX_BATCH_BYTES,
-    FactorSource,
-    Group,
-    all_gather_objects,
-    dist_info,
-    module_generator,
-    plan_groups,
-)
+from .engine import FactorSource, Group, Placement, all_gather_objects, dist_info, module_generator, plan_groups
 from .joint import extend_bases, init_full, jd_full, prefix_energy, principal_axes, subspace_batch
 from .metrics import dtype_bytes, least_squares_sigma, own_basis_cores, sigma_for_storage, stored_errors
 from .planner import ModuleCurves, Option
+from .settings import CompressionSettings
 from .svd import CanonicalBatch, canonicalize, svd_errors, truncated_svd
 
 
@@ -90,6 +83,7 @@ class CurveFitter:
     (`build`).
 
     Args:
+        settings: the fit's tolerances, seed and batch memory (`CompressionSettings`); placement: device and dtypes.
         families: the shared-bases families to consider (jd1 first), see `Family`.
         fit_rank: the anchor rank r* of one shared basis (the uniform jd1 plan of the budget): jd1 is fitted at
             `target_rank("jd", r*, ...)` per module, and every other family at the largest rank whose floats do not
@@ -100,24 +94,23 @@ class CurveFitter:
     def __init__(
         self,
         source: FactorSource,
+        settings: CompressionSettings,
+        placement: Placement,
         *,
         families: Sequence[Family],
         fit_rank: int,
         limit: Optional[dict[str, float]],
-        device: torch.device,
-        compute_dtype: torch.dtype,
-        storage_dtype: torch.dtype,
-        seed: int,
-        max_iter: int,
-        tol: float,
-        stall_tol: float,
-        progress: bool,
-        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        progress: bool = False,
     ):
         self.source = source
         self.families = {f.name: f for f in families}
-        self.device, self.compute_dtype, self.storage_dtype = device, compute_dtype, storage_dtype
-        self.seed, self.max_iter, self.tol, self.stall_tol = seed, max_iter, tol, stall_tol
+        self.device, self.compute_dtype, self.storage_dtype = (
+            placement.device,
+            placement.compute_dtype,
+            placement.storage_dtype,
+        )
+        self.seed, self.max_iter = settings.seed, settings.max_iter
+        self.tol, self.stall_tol = settings.tol, settings.stall_tol
         self.rank_id, self.world = dist_info()
         self.progress = progress and self.rank_id == 0
         self.shapes, self.ranks = source.shapes(), source.ranks()
@@ -128,9 +121,11 @@ class CurveFitter:
         self.weights = torch.tensor(
             [1.0 / (self.N * k) if k else 0.0 for k in modules_per_adapter], dtype=torch.float64
         )
-        itemsize = dtype_bytes(compute_dtype)
+        itemsize = dtype_bytes(self.compute_dtype)
         # Batches share (shape, padded rank, jd1's fitted rank), so one batched fit serves all their modules.
-        self.groups = plan_groups(self.shapes, self.ranks, "jd", fit_rank, self.world, itemsize, max_batch_bytes)
+        self.groups = plan_groups(
+            self.shapes, self.ranks, "jd", fit_rank, self.world, itemsize, settings.max_batch_bytes
+        )
         self.bases: dict[tuple[str, str], NestedBases] = {}
         self.fits = 0
 

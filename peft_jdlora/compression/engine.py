@@ -17,7 +17,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -26,10 +26,10 @@ from .cluster import compact, kmeanspp_pick, reassign, seed_basis
 from .cost import target_rank
 from .joint import init_full, jd_diag, jd_full, projected_cores
 from .metrics import dtype_bytes, least_squares_sigma, own_basis_cores, sigma_for_storage, stored_errors
+from .settings import DEFAULT_MAX_BATCH_BYTES, CompressionSettings, CompressionSettingsError
 from .sources import LoraAdapter, check_collection
 from .svd import CanonicalBatch, canonicalize, truncated_svd
 
-DEFAULT_MAX_BATCH_BYTES = 256 * 2**20
 # Peak working memory of a batch, in multiples of its factor bytes (inputs, QR and canonical copies).
 _WORKSPACE_FACTOR = 6
 
@@ -144,6 +144,37 @@ class ModuleSubset(FactorSource):
 
     def load(self, modules: Sequence[str], rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.source.load(modules, rank, dtype)
+
+
+# ------------------------------------------------------------------------------------------------ placement
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a compression runs and in which dtypes, resolved from its settings and its source."""
+
+    device: torch.device
+    compute_dtype: torch.dtype
+    storage_dtype: torch.dtype
+
+    @classmethod
+    def of(cls, settings: CompressionSettings, source: FactorSource) -> Placement:
+        """`settings.device` (default: CUDA when available); the storage dtype `settings.dtype` (default: the
+        source's); the compute dtype `settings.compute_dtype` (default: float64 when the source or the storage is
+        float64, else float32)."""
+        if settings.device is None:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            try:
+                device = torch.device(settings.device)
+            except RuntimeError as err:  # a device type torch does not know
+                raise CompressionSettingsError(f"«device»: {err}") from None
+        storage = getattr(torch, settings.dtype) if settings.dtype else source.dtype
+        if settings.compute_dtype:
+            compute = getattr(torch, settings.compute_dtype)
+        else:
+            compute = torch.float64 if torch.float64 in (storage, source.dtype) else torch.float32
+        return cls(device, compute, storage)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -302,35 +333,30 @@ class EngineResult:
 
 
 class Engine:
-    """Runs one compression of a `FactorSource` (see `compress` for the arguments)."""
+    """Runs one compression of a `FactorSource` with fixed-shape `settings` (rank, Σ type, method, clusters, the
+    fit's tolerances and seed; see `CompressionSettings`) on `placement`'s device and dtypes."""
 
     def __init__(
-        self,
-        source: FactorSource,
-        *,
-        rank: int,
-        method: Literal["jd", "svd"],
-        sigma: Literal["full", "diag"],
-        max_iter: int,
-        tol: float,
-        stall_tol: float,
-        device: Union[str, torch.device],
-        compute_dtype: torch.dtype,
-        storage_dtype: torch.dtype,
-        seed: int,
-        progress: bool,
-        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        self, source: FactorSource, settings: CompressionSettings, placement: Placement, *, progress: bool = False
     ):
-        self.source = source
-        self.method, self.sigma_type = method, sigma
-        self.max_iter, self.tol, self.stall_tol, self.seed = max_iter, tol, stall_tol, seed
-        self.device, self.compute_dtype, self.storage_dtype = torch.device(device), compute_dtype, storage_dtype
+        if settings.is_plan:
+            raise ValueError("the engine runs fixed shapes; a budget plan runs through budget.compress_with_budget.")
+        self.source, self.settings = source, settings
+        self.method, self.sigma_type, self.seed = settings.method, settings.sigma, settings.seed
+        self.max_iter, self.tol, self.stall_tol = settings.max_iter, settings.tol, settings.stall_tol
+        self.device, self.compute_dtype, self.storage_dtype = (
+            placement.device,
+            placement.compute_dtype,
+            placement.storage_dtype,
+        )
         self.rank_id, self.world = dist_info()
         self.progress = progress and self.rank_id == 0
         self.names = list(source.names)
         self.ranks = source.ranks()
-        itemsize = dtype_bytes(compute_dtype)
-        self.groups = plan_groups(source.shapes(), self.ranks, method, rank, self.world, itemsize, max_batch_bytes)
+        itemsize = dtype_bytes(self.compute_dtype)
+        self.groups = plan_groups(
+            source.shapes(), self.ranks, self.method, settings.rank, self.world, itemsize, settings.max_batch_bytes
+        )
         self.own = [g for g in self.groups if g.owner == self.rank_id]
         # Bases of every cluster between passes, on the CPU: group index -> (U [M, C, d_out, r], V [M, C, d_in, r]).
         self.bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -529,17 +555,12 @@ class Engine:
 
     # ---------------------------------------------------------------- the whole run
 
-    def run(
-        self,
-        clusters: Union[int, Literal["auto"]] = 1,
-        target_error: Optional[float] = None,
-        max_cluster_iter: int = 20,
-        max_clusters: Optional[int] = None,
-        assignments_only: bool = False,
-    ) -> EngineResult:
+    def run(self, assignments_only: bool = False) -> EngineResult:
         """Compress (see `compress`). With `assignments_only` (clusters = k > 1), stop once the clusters are chosen:
         the result has no modules, only the assignments (the budget planner uses them)."""
         start = time.perf_counter()
+        clusters, target_error = self.settings.clusters, self.settings.target_error
+        max_cluster_iter, max_clusters = self.settings.max_cluster_iter, self.settings.max_clusters
         N = len(self.names)
         if self.method == "svd":
             modules = self.svd_pass()
