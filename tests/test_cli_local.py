@@ -178,6 +178,11 @@ def test_logits_check_failure_writes_nothing(local, capsys):
         ),
         (["convert", "./a", "--out", "o", "--budget", "16y"], "--budget"),
         (["convert", "./a", "--out", "o", "--budget", "16x", "--rank", "8"], "--budget chooses ranks"),
+        (["convert", "./a", "--out", "o", "--budget", "auto"], "--budget auto picks the smallest bundle meeting"),
+        (["convert", "./a", "--out", "o", "--every-adapter"], "--every-adapter applies to --budget auto"),
+        (["convert", "./a", "--out", "o", "--rank", "4", "--tol", "0"], "--tol must be a number > 0, got 0.0"),
+        (["convert", "./a", "--out", "o", "--device", "cuda 1"], "--device must name a device"),
+        (["add", "bundle", "./a", "--refit", "--clusters", "auto", "--out", "o"], "--clusters auto chooses"),
         (["convert", "org/a", "--out", "o", "--push", "not a repo"], "--push expects a Hub repo id"),
         (["remove", "org/bundle", "a", "--in-place"], "--in-place needs a local bundle folder"),
         (["export", "bundle", "--out", "o"], "--adapter NAME"),
@@ -189,6 +194,39 @@ def test_usage_errors(argv, fragment, capsys, tmp_path, monkeypatch):
     assert main(argv) == ExitCode.USAGE
     err = capsys.readouterr().err
     assert fragment in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("error", [ValueError, TypeError])
+@pytest.mark.parametrize("command", ["convert", "refit"])
+def test_a_bug_inside_compress_is_an_internal_error(local, bundle, capsys, monkeypatch, error, command):
+    """A ValueError or TypeError from a bug inside the engine is no usage error (exit 2 is for settings, through
+    CompressionSettingsError only): it is an internal error with the hint to its traceback, and nothing is written."""
+    from peft_jdlora.compression.engine import Engine
+
+    def broken(self, *args, **kwargs):
+        raise error("a bug inside compress")
+
+    monkeypatch.setattr(Engine, "run", broken)
+    out = local / f"bug-{command}"
+    if command == "convert":
+        argv = ["convert", *(str(local / "adapters" / n) for n in "ab"), "--rank", "4"]
+    else:
+        argv = ["add", str(bundle), str(local / "adapters" / "e"), "--refit"]
+    code = main([*argv, "--out", str(out), "--no-base-check", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == ExitCode.INTERNAL
+    assert f"internal error: {error.__name__}: a bug inside compress (set JDLORA_DEBUG=1 for the traceback)" in err
+    assert not out.exists()
+
+
+def test_a_budget_below_the_collections_smallest_bundle_is_a_usage_error(local, capsys):
+    """A setting only the collection can refuse (the budget's floor) is a usage error naming the option."""
+    out = local / "tiny-budget"
+    code = main(["convert", *(str(local / "adapters" / n) for n in "ab"), "--budget", "100", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == ExitCode.USAGE
+    assert "error: the --budget (25 floats = 100 bytes in float32) is below the smallest bundle" in err
+    assert not out.exists()
 
 
 def test_missing_local_source(tmp_path, capsys):

@@ -42,24 +42,24 @@ exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 output exists, 5 ver
 # ---------------------------------------------------------------------------------------------------- arguments
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def number_option(convert: Callable[[str], Any], accepts: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse `type` reading a number with `convert` that `accepts` it: 'expected <expected>, got ...'
+    otherwise."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+_positive_int = number_option(int, lambda value: value >= 1, "a positive integer")
+_non_negative_float = number_option(float, lambda value: value >= 0, "a number >= 0")
 
 
 def _clusters(text: str) -> Any:
@@ -105,15 +105,17 @@ def _add_compression_args(parser: argparse.ArgumentParser, refit: bool = False) 
     )
     group.add_argument(
         "--budget",
-        metavar="{BYTES,RATIOx,rR}",
+        metavar="{BYTES,RATIOx,rR,auto}",
         help="size of the bundle in bytes (e.g. 4000000, 4MB, 4MiB), a ratio like 16x (16 times smaller than the "
         "source adapters) or r32 (the size of --rank 32): ranks, clusters and per-adapter SVD are chosen per module "
-        "to minimise the mean error",
+        "to minimise the mean error; auto: the smallest such bundle meeting --target-error (what --target-error "
+        "alone asks for)",
     )
     group.add_argument(
         "--every-adapter",
         action="store_true",
-        help="with --target-error and no --clusters auto: every adapter (not the mean) must meet the target",
+        help="with --target-error and no --clusters auto (--budget auto): every adapter (not the mean) must meet the "
+        "target",
     )
     group.add_argument(
         "--method", choices=["jd", "svd"], help="'jd': joint diagonalisation (default); 'svd': per-adapter SVD baseline"
@@ -344,71 +346,31 @@ def _outputs(args: argparse.Namespace, bundle_ref: Optional[str] = None) -> Any:
     )
 
 
-def _cost_model() -> Any:
-    """`peft_jdlora.compression.cost` (the budget grammar and the default plan), loaded without importing the
-    `peft_jdlora` package, which imports torch: so that a bad --budget fails before seconds of imports."""
-    import importlib.util
-
-    if "peft_jdlora" in sys.modules:
-        from peft_jdlora.compression import cost
-
-        return cost
-    package = importlib.util.find_spec("peft_jdlora")
-    locations = list(package.submodule_search_locations or []) if package else []
-    path = Path(locations[0]) / "compression" / "cost.py" if locations else None
-    if path is None or not path.is_file():  # an unusual install: import it the ordinary way
-        from peft_jdlora.compression import cost
-
-        return cost
-    spec = importlib.util.spec_from_file_location("_jdlora_cost_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _compression(args: argparse.Namespace) -> Any:
-    from .pipeline import CompressionOptions
+    """The compression settings of the options (`CompressionSettings`, checked without importing torch): for
+    `convert`, over the default plan (`CONVERT_DEFAULT`); for `add --refit`, the options given, which the refit lays
+    over the bundle's own settings."""
+    from .settings import option_spelling, settings_module
 
-    if args.clusters == "auto" and args.target_error is None:
-        raise UsageError("--clusters auto chooses the number of clusters from --target-error: give one.")
-    budget = getattr(args, "budget", None)
-    cluster_counts = None
-    fixed = [f"--{n}" for n in ("rank", "sigma", "clusters", "method") if getattr(args, n, None) is not None]
-    if budget is not None:
-        try:
-            _cost_model().parse_budget(budget)
-        except ValueError as err:
-            raise UsageError(f"--budget: {err}") from None
-        if fixed or args.target_error is not None:
-            raise UsageError(f"--budget chooses ranks and clusters itself; drop {fixed or ['--target-error']}.")
-    elif args.target_error is not None and args.clusters != "auto":
-        if fixed:
-            raise UsageError(
-                f"--target-error is used with --clusters auto, or alone (a budget plan); drop {fixed} or add "
-                "--clusters auto."
-            )
-        budget = "auto"
-    elif not fixed and getattr(args, "command", None) == "convert":
-        # No size or shape asked for: a budget plan of the size of --rank 16 (see cost.DEFAULT_BUDGET).
-        cost = _cost_model()
-        budget, cluster_counts = cost.DEFAULT_BUDGET, cost.DEFAULT_PLAN_CLUSTER_COUNTS
-    if getattr(args, "every_adapter", False) and budget != "auto":
-        raise UsageError("--every-adapter applies to --target-error without --clusters auto.")
-    return CompressionOptions(
-        budget=budget,
-        cluster_counts=cluster_counts,
-        target_error_every=bool(getattr(args, "every_adapter", False)),
-        rank=args.rank,
-        sigma=args.sigma,
-        clusters=args.clusters,
-        target_error=args.target_error,
-        method=args.method,
-        max_iter=args.max_iter,
-        tol=args.tol,
-        device=args.device,
-        dtype=args.dtype,
-        seed=args.seed,
-    )
+    settings = settings_module()
+    base = settings.CONVERT_DEFAULT if args.command == "convert" else settings.CompressionSettings()
+    try:
+        return base.with_options(
+            rank=args.rank,
+            sigma=args.sigma,
+            clusters=args.clusters,
+            method=args.method,
+            target_error=args.target_error,
+            budget=args.budget,
+            target_error_every=args.every_adapter or None,
+            max_iter=args.max_iter,
+            tol=args.tol,
+            seed=args.seed,
+            device=args.device,
+            dtype=args.dtype,
+        )
+    except settings.CompressionSettingsError as err:
+        raise UsageError(err.render(option_spelling)) from None
 
 
 def _verify(args: argparse.Namespace) -> Any:
@@ -490,8 +452,19 @@ def _run(args: argparse.Namespace, log: Callable[[str], None]) -> Any:
 
 
 def _one_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
+    if isinstance(err, _settings_error()):
+        from .settings import option_spelling
+
+        text = err.render(option_spelling)
+    else:
+        text = str(err).strip() or type(err).__name__
     return " ".join(text.split())
+
+
+def _settings_error() -> type[Exception]:
+    from .settings import settings_module
+
+    return settings_module().CompressionSettingsError
 
 
 def _known_error_code(err: BaseException) -> Optional[ExitCode]:
@@ -500,6 +473,8 @@ def _known_error_code(err: BaseException) -> Optional[ExitCode]:
 
     if isinstance(err, BundleFormatError):
         return ExitCode.INPUT
+    if isinstance(err, _settings_error()):  # settings only the collection could refuse, e.g. a budget below its floor
+        return ExitCode.USAGE
     if isinstance(err, FileExistsError):
         return ExitCode.OUTPUT_EXISTS
     if isinstance(err, (FileNotFoundError, NotADirectoryError, PermissionError)):

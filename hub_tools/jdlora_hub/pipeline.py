@@ -14,13 +14,14 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional
 
 from .card import adapter_rows, bundle_card, bundle_summary, export_card, plan_rows
 from .errors import OutputExistsError, SourceError, UsageError, VerificationError
-from .output import refuse_output_over_inputs, staged_bundle_update
+from .output import CARD_NAME, CONFIG_NAME, refuse_output_over_inputs, staged_bundle_update
 from .push import PushResult, check_push_target, push_bundle
 from .redact import is_redacted
+from .settings import settings_module
 from .signals import held_signals
 from .sources import (
     DOWNLOAD_PATTERNS,
@@ -34,42 +35,11 @@ from .sources import (
 )
 from .verify import base_model_check, check_errors, check_reload, find_base_model
 
+if TYPE_CHECKING:
+    from peft_jdlora.compression.settings import CompressionSettings
+
 Log = Callable[[str], None]
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-@dataclass
-class CompressionOptions:
-    """Options passed to `peft_jdlora.compression.compress` (None: the engine's default)."""
-
-    rank: Optional[int] = None
-    sigma: Optional[str] = None
-    clusters: Union[int, str, None] = None
-    target_error: Optional[float] = None
-    method: Optional[str] = None
-    max_iter: Optional[int] = None
-    tol: Optional[float] = None
-    device: Optional[str] = None
-    dtype: Optional[str] = None
-    seed: int = 0
-    budget: Optional[str] = None  # bytes, "16x", "r16" (a budget plan); "auto": the smallest plan meeting target_error
-    target_error_every: bool = False
-    cluster_counts: Optional[tuple[int, ...]] = None  # cluster counts a budget plan considers (None: the engine's)
-
-    def kwargs(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"seed": self.seed}
-        if self.target_error_every:
-            out["target_error_every"] = True
-        keys = ("rank", "sigma", "clusters", "target_error", "method", "max_iter", "tol", "device", "budget")
-        for key in (*keys, "cluster_counts"):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = value
-        if self.dtype is not None:
-            import torch
-
-            out["dtype"] = getattr(torch, self.dtype)
-        return out
 
 
 @dataclass
@@ -207,7 +177,7 @@ def _write_verified(
     from peft_jdlora.bundle import REPORT_NAME, atomic_output_dir, write_bundle_files
 
     bundle.report = bundle.report if bundle.report is not None else {}
-    bundle.extra_files.pop("README.md", None)
+    bundle.extra_files.pop(CARD_NAME, None)
     verification: dict[str, Any] = {"errors_checked": True, "reloaded": False}
     if output.in_place:
         destination = staged_bundle_update(output.out)
@@ -239,9 +209,9 @@ def _write_verified(
                 verification["base_model_check"] = {"status": "skipped", "reason": "--no-base-check"}
             bundle.report["verification"] = verification
             card = bundle_card(bundle.config, bundle.report, repo_id=output.push, title=title or output.out.name)
-            bundle.extra_files["README.md"] = card
+            bundle.extra_files[CARD_NAME] = card
             (tmp / REPORT_NAME).write_text(json.dumps(bundle.report, indent=2, sort_keys=True, default=str) + "\n")
-            (tmp / "README.md").write_text(card)
+            (tmp / CARD_NAME).write_text(card)
             hold_signals()  # from here until the finished files are in place, a signal waits (no half swap)
     except FileExistsError as err:
         raise OutputExistsError(str(err)) from None
@@ -276,7 +246,7 @@ def convert(
     output: OutputOptions,
     *,
     from_hub: Sequence[str] = (),
-    compression: Optional[CompressionOptions] = None,
+    compression: Optional[CompressionSettings] = None,
     verify: Optional[VerifyOptions] = None,
     revision: Optional[str] = None,
     select_base: Optional[str] = None,
@@ -285,8 +255,9 @@ def convert(
     log: Log = lambda message: None,
 ) -> Result:
     """Compress the LoRA adapters named by `sources` (and the Hub ids / globs `from_hub`) into a verified bundle at
-    `output.out` (and push it)."""
-    compression = compression or CompressionOptions()
+    `output.out` (and push it), with `compression` (default: `CompressionSettings()`; the command line's default is
+    a budget plan, `CONVERT_DEFAULT`). Settings that do not fit the collection raise `CompressionSettingsError`."""
+    compression = compression if compression is not None else settings_module().CompressionSettings()
     verify = verify or VerifyOptions()
     if not sources and not from_hub:
         raise UsageError("no SOURCES given.")
@@ -332,11 +303,9 @@ def convert(
         adapters = _read_adapters(sources_kept, progress)
 
     try:
-        bundle = compress(adapters, progress=progress, **compression.kwargs())
+        bundle = compress(adapters, compression, progress=progress)
     except AdapterReadError as err:
         raise SourceError(str(err)) from None
-    except (ValueError, TypeError) as err:
-        raise UsageError(f"cannot compress with these settings: {err}") from None
     if bundle is None:  # only on ranks > 0 under torch.distributed, which the CLI does not use
         raise UsageError("compression returned no bundle: run jdlora-convert as a single process.")
     _fill_sources(bundle, adapters)
@@ -382,25 +351,32 @@ def _skipped(src: ResolvedAdapter, reason: str) -> Any:
 # ---------------------------------------------------------------------------------------------------- reading bundles
 
 
+def locate_bundle(ref: str, *, revision: Optional[str] = None, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The local folder of a bundle: a folder as it is, a Hub repo id[@revision] downloaded at its commit sha (the
+    revision pinned). Returns (folder, where: {"type": "local" or "hub", "source", "revision"})."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(f"{path} is a file; a bundle is a folder holding {CONFIG_NAME} and its weights.")
+        return path, {"type": "local", "source": str(path.resolve()), "revision": None}
+    spec = parse_source(ref, default_revision=revision)
+    if spec.kind != "hub":
+        raise SourceError(f"{ref!r} is neither a bundle folder nor a Hub repo id.")
+    client = HubClient(progress=progress)
+    sha, files = client.resolve(spec.location, spec.revision)
+    if CONFIG_NAME not in files:
+        raise SourceError(f"Hub repo {spec.location}@{sha[:10]} is not a PEFT adapter: it has no {CONFIG_NAME}.")
+    folder = client.download(spec.location, sha, ["*.json", "*.safetensors", "*.md"])
+    return Path(folder), {"type": "hub", "source": spec.location, "revision": sha}
+
+
 def open_bundle(ref: str, *, revision: Optional[str] = None, progress: bool = True) -> tuple[Any, dict[str, Any]]:
     """Load a bundle from a folder or a Hub repo id[@revision] (pinned to its commit sha). Returns (bundle, where)."""
     from peft_jdlora import BundleFormatError, load_bundle
 
-    path = Path(ref).expanduser()
+    folder, where = locate_bundle(ref, revision=revision, progress=progress)
     try:
-        if path.exists():
-            return load_bundle(path), {"type": "local", "source": str(path.resolve()), "revision": None}
-        spec = parse_source(ref, default_revision=revision)
-        if spec.kind != "hub":
-            raise SourceError(f"{ref!r} is neither a bundle folder nor a Hub repo id.")
-        client = HubClient(progress=progress)
-        sha, files = client.resolve(spec.location, spec.revision)
-        if "adapter_config.json" not in files:
-            raise SourceError(
-                f"Hub repo {spec.location}@{sha[:10]} is not a PEFT adapter: it has no adapter_config.json."
-            )
-        folder = client.download(spec.location, sha, ["*.json", "*.safetensors", "*.md"])
-        return load_bundle(folder), {"type": "hub", "source": spec.location, "revision": sha}
+        return load_bundle(folder), where
     except BundleFormatError as err:
         raise SourceError(str(err)) from None
 
@@ -487,7 +463,7 @@ def export(
                 if target.exists():
                     raise UsageError(f"two adapters map to the folder name {target.name!r}.")
                 export_lora(bundle, name, target)
-                (target / "README.md").write_text(export_card(bundle.config, bundle.report, name, bundle_ref))
+                (target / CARD_NAME).write_text(export_card(bundle.config, bundle.report, name, bundle_ref))
                 written.append({"name": name, "folder": str(out if single else out / target.name)})
             if single:
                 for item in (tmp / "adapter").iterdir():
@@ -556,13 +532,14 @@ def add(
     output: OutputOptions,
     *,
     refit: bool = False,
-    compression: Optional[CompressionOptions] = None,
+    compression: Optional[CompressionSettings] = None,
     verify: Optional[VerifyOptions] = None,
     revision: Optional[str] = None,
     progress: bool = True,
     log: Log = lambda message: None,
 ) -> Result:
-    """Add adapters to a bundle by projection into its bases (or, with `refit`, by compressing everything again)."""
+    """Add adapters to a bundle by projection into its bases (or, with `refit`, by compressing everything again with
+    the bundle's own settings, the options given in `compression` over them: see `CompressionSettings.with_options`)."""
     verify = verify or VerifyOptions()
     if not sources:
         raise UsageError("no SOURCES given.")
@@ -602,14 +579,10 @@ def add(
         if refit:
             old_sources = _original_sources(bundle, hub)
             old_adapters = _read_adapters(old_sources, progress)
-            settings = _bundle_settings(bundle)
-            given = {k: v for k, v in (compression or CompressionOptions()).kwargs().items() if v is not None}
-            if any(k in given for k in ("rank", "sigma", "clusters", "method", "budget", "target_error")):
-                for key in ("budget", "cluster_counts", "target_error", "target_error_every"):  # a new shape asked for
-                    settings.pop(key, None)
-            settings.update(given)
+            given = compression.given() if compression is not None else {}
+            settings = _bundle_settings(bundle).with_options(**given)
             _check_output_location(output, _source_folders(old_sources))
-            new_bundle = compress(old_adapters + new_adapters, progress=progress, **settings)
+            new_bundle = compress(old_adapters + new_adapters, settings, progress=progress)
             _fill_sources(new_bundle, old_adapters + new_adapters)
             originals = {s.name: s.folder for s in old_sources + resolution.adapters}
         else:
@@ -618,8 +591,6 @@ def add(
             originals = {s.name: s.folder for s in resolution.adapters}
     except AdapterReadError as err:
         raise SourceError(str(err)) from None
-    except (ValueError, TypeError) as err:
-        raise UsageError(f"cannot add these adapters: {err}") from None
 
     check_errors(new_bundle, new_adapters, verify.max_error)
     verification = _write_verified(
@@ -631,25 +602,29 @@ def add(
     return _written_result("add", output.out, new_bundle, resolution, pushed, extra)
 
 
-def _bundle_settings(bundle: Any) -> dict[str, Any]:
-    """compress() settings that reproduce a bundle's shape (for --refit): the rank asked for (the engine may have
-    capped it per module), Σ type, method, and the number of clusters it ended with; for a budget plan, the same
-    budget (or target error) and cluster counts, planned again for the new collection."""
+def _bundle_settings(bundle: Any) -> CompressionSettings:
+    """Settings that reproduce a bundle's shape (for --refit): the rank asked for (the engine may have capped it per
+    module), Σ type, method, and the number of clusters it ended with; for a budget plan, the same budget (or target
+    error) and cluster counts, planned again for the new collection."""
+    settings = settings_module().CompressionSettings
     report = bundle.report or {}
     plan = report.get("budget") if report.get("method") == "budget" else None
     if plan and plan.get("requested") is not None:
-        settings = {"budget": plan["requested"]}
-        if plan.get("cluster_counts") is not None:
-            settings["cluster_counts"] = tuple(plan["cluster_counts"])
+        counts = plan.get("cluster_counts")
+        options: dict[str, Any] = {"budget": plan["requested"]}
+        if counts is not None:
+            options["cluster_counts"] = tuple(counts)
         if plan["requested"] == "auto":
-            settings.update(target_error=plan["target_error"], target_error_every=plan.get("target") == "every adapter")
-        return settings
-    method = "svd" if report.get("method") == "svd" else "jd"
-    settings: dict[str, Any] = {"rank": int(report.get("rank") or bundle.config.r), "method": method}
-    if method == "jd":  # per-adapter SVD has one basis per adapter and a diagonal core by construction
-        settings["sigma"] = bundle.config.sigma_type
-        settings["clusters"] = bundle.config.num_clusters
-    return settings
+            options.update(target_error=plan["target_error"], target_error_every=plan.get("target") == "every adapter")
+        return settings(**options)
+    if report.get("method") == "svd":  # per-adapter SVD has one basis per adapter and a diagonal core by construction
+        return settings(rank=int(report.get("rank") or bundle.config.r), method="svd")
+    return settings(
+        rank=int(report.get("rank") or bundle.config.r),
+        method="jd",
+        sigma=bundle.config.sigma_type,
+        clusters=bundle.config.num_clusters,
+    )
 
 
 def remove(
@@ -714,7 +689,7 @@ def push(
         bundle = load_bundle(folder)
     except BundleFormatError as err:
         raise SourceError(str(err)) from None
-    if not (folder / "README.md").is_file():
+    if not (folder / CARD_NAME).is_file():
         raise VerificationError(f"{folder} has no README.md model card: write bundles with jdlora-convert.")
     output = OutputOptions(out=folder, push=repo_id, private=private, commit_message=commit_message)
     pushed = _push(output, log)

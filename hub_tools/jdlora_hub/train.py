@@ -73,7 +73,10 @@ class Examples:
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser, add_output_args: Callable[..., None]) -> None:
-    from .cli import _non_negative_float, _positive_int
+    from .cli import _non_negative_float, _positive_int, number_option
+
+    positive_float = number_option(float, lambda value: value > 0 and math.isfinite(value), "a number > 0")
+    fraction = number_option(float, lambda value: 0 <= value < 1, "a fraction in [0, 1)")
 
     p = sub.add_parser(
         "train",
@@ -92,7 +95,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, add_output_args: Calla
     add_output_args(p, in_place=True)
     group = p.add_argument_group("training")
     group.add_argument("--steps", type=_positive_int, default=TrainOptions.steps, help="optimizer steps (default: 100)")
-    group.add_argument("--lr", type=_positive_float, default=TrainOptions.lr, help="peak learning rate (default: 5e-3)")
+    group.add_argument("--lr", type=positive_float, default=TrainOptions.lr, help="peak learning rate (default: 5e-3)")
     group.add_argument("--batch-size", type=_positive_int, default=TrainOptions.batch_size, help="(default: 8)")
     group.add_argument(
         "--max-length",
@@ -104,7 +107,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, add_output_args: Calla
     group.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW weight decay (default 0)")
     group.add_argument(
         "--eval-fraction",
-        type=_fraction,
+        type=fraction,
         default=TrainOptions.eval_fraction,
         help="share of the examples held out for the evaluation loss (default: 0.1; 0: none)",
     )
@@ -128,26 +131,6 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, add_output_args: Calla
     group.add_argument(
         "--base-model", metavar="FOLDER_OR_ID", help="the base model (default: the one the bundle records)"
     )
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
@@ -297,26 +280,6 @@ def eval_loss(model: Any, rows: Sequence[dict], pad_id: int, device: Any, autoca
 # ---------------------------------------------------------------------------------------------------- the command
 
 
-def _bundle_folder(ref: str, revision: Optional[str], progress: bool) -> tuple[Path, dict[str, Any]]:
-    """The local folder of a bundle (a Hub bundle is downloaded at its pinned commit) and where it came from."""
-    from .sources import HubClient, parse_source
-
-    path = Path(ref).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise SourceError(f"{path} is a file; a bundle is a folder.")
-        return path, {"type": "local", "source": str(path.resolve()), "revision": None}
-    spec = parse_source(ref, default_revision=revision)
-    if spec.kind != "hub":
-        raise SourceError(f"{ref!r} is neither a bundle folder nor a Hub repo id.")
-    client = HubClient(progress=progress)
-    sha, files = client.resolve(spec.location, spec.revision)
-    if "adapter_config.json" not in files:
-        raise SourceError(f"Hub repo {spec.location}@{sha[:10]} is not a PEFT adapter: it has no adapter_config.json.")
-    folder = client.download(spec.location, sha, ["*.json", "*.safetensors", "*.md"])
-    return Path(folder), {"type": "hub", "source": spec.location, "revision": sha}
-
-
 def _schedule(step: int, options: TrainOptions) -> float:
     """Linear warmup, then linear decay to 10% at the last step (as the project's LoRA trainer)."""
     warm = min(1.0, (step + 1) / max(options.warmup, 1))
@@ -358,7 +321,7 @@ def train(
     from .verify import _load_base, find_base_model
 
     pipeline._check_output(output)
-    folder, where = _bundle_folder(ref, revision, progress)
+    folder, where = pipeline.locate_bundle(ref, revision=revision, progress=progress)
     config = read_config(folder)
     if name in config.adapter_names:
         raise SourceError(
