@@ -62,7 +62,7 @@ from typing import Any, Optional
 import torch
 
 from peft_jdlora.compression import compress
-from peft_jdlora.compression.engine import LoraFactorSource, FactorSource
+from peft_jdlora.compression.engine import FactorSource, LoraFactorSource
 from peft_jdlora.compression.sources import read_lora_adapter
 from peft_jdlora.compression.synthetic import SyntheticSource
 
@@ -134,12 +134,12 @@ def default_bundle(source: Any, args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     report = compress(source, seed=args.seed, progress=False, device=args.device).report
     return {
-        "rank": report["rank"],
-        "floats": report["params"]["bundle"],
-        "bytes": report["bytes"]["bundle"],
-        "ratio": report["params"]["ratio"],
-        "mean_error": report["overall"]["mean_error"],
-        "worst_error": report["overall"]["worst_error"],
+        "rank": report.rank,
+        "floats": report.size.params_bundle,
+        "bytes": report.size.bytes_bundle,
+        "ratio": report.size.ratio,
+        "mean_error": report.overall.mean_error,
+        "worst_error": report.overall.worst_error,
         "seconds": time.perf_counter() - start,
     }
 
@@ -154,20 +154,20 @@ def run(source: Any, label: str, ratios: Sequence[Any], args: argparse.Namespace
         bundle = compress(source, budget=budget, seed=args.seed, progress=False, device=args.device)
         plan_seconds = time.perf_counter() - start
         report = bundle.report
-        floats = report["params"]["bundle"]
+        floats = report.size.params_bundle
         row: dict[str, Any] = {
             "collection": label,
             "ratio": ratio if default is None else round(default["ratio"], 2),
             "default": default,
             "floats": floats,
-            "original_floats": report["params"]["original"],
+            "original_floats": report.size.params_original,
             "budget": {
-                "mean_error": report["overall"]["mean_error"],
-                "worst_error": report["overall"]["worst_error"],
-                "modules_by_family": report["budget"]["modules_by_family"],
-                "ranks": sorted({p["rank"] for p in report["plan"].values()}),
+                "mean_error": report.overall.mean_error,
+                "worst_error": report.overall.worst_error,
+                "modules_by_family": report.budget["modules_by_family"],
+                "ranks": sorted({p["rank"] for p in report.plan.values()}),
                 "seconds": plan_seconds,
-                "timings": report["timings"],
+                "timings": report.timings,
             },
         }
         for name, method, clusters in [("svd", "svd", 1), ("jd1", "jd", 1)] + [
@@ -184,9 +184,9 @@ def run(source: Any, label: str, ratios: Sequence[Any], args: argparse.Namespace
             base = compress(source, seed=args.seed, progress=False, device=args.device, **kwargs)
             row[name] = {
                 "rank": r,
-                "floats": base.report["params"]["bundle"],
-                "mean_error": base.report["overall"]["mean_error"],
-                "worst_error": base.report["overall"]["worst_error"],
+                "floats": base.report.size.params_bundle,
+                "mean_error": base.report.overall.mean_error,
+                "worst_error": base.report.overall.worst_error,
                 "seconds": time.perf_counter() - start,
             }
         baselines = [row[k]["mean_error"] for k in ("svd", "jd1") if row.get(k)]
@@ -248,7 +248,14 @@ def _timed(label: str, source: FactorSource, **kwargs: Any) -> tuple[Any, float]
     return out, seconds
 
 
+def _report_json(report: Any) -> dict[str, Any]:
+    """The report as its JSON: `BundleReport.to_dict()`, or the dict itself from the library of a commit before the
+    typed report (`--parts scaling` times an older commit's planner with this script)."""
+    return report.to_dict() if hasattr(report, "to_dict") else report
+
+
 def _plan_entry(report: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """A plan's row of `--parts scaling`, from its report's JSON."""
     budget = report.get("budget", {})
     return {
         "seconds": seconds,
@@ -274,7 +281,7 @@ def part_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
             common = {"seed": args.seed, "progress": False, "device": args.device}
             if "fixed" in planners:
                 bundle, seconds = _timed("fixed rank 16", source, rank=16, **common)
-                report = bundle.report
+                report = _report_json(bundle.report)
                 row["fixed"] = {
                     "seconds": seconds,
                     "floats": report["params"]["bundle"],
@@ -285,12 +292,12 @@ def part_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
             if "plan" in planners:
                 # A plan of exactly the fixed bundle's bytes, with no cluster search: what jdlora-convert builds.
                 bundle, seconds = _timed("default plan", source, budget=budget_bytes, cluster_counts=(), **common)
-                row["plan"] = _plan_entry(bundle.report, seconds)
+                row["plan"] = _plan_entry(_report_json(bundle.report), seconds)
             if "clusters" in planners:
                 bundle, seconds = _timed(
                     "plan with clusters", source, budget=budget_bytes, cluster_counts=(2, 4), **common
                 )
-                row["clusters"] = _plan_entry(bundle.report, seconds)
+                row["clusters"] = _plan_entry(_report_json(bundle.report), seconds)
             if "fixed" in row and "plan" in row:
                 row["plan_time_ratio"] = row["plan"]["seconds"] / row["fixed"]["seconds"]
                 row["plan_error_ratio"] = row["plan"]["mean_error"] / row["fixed"]["mean_error"]
@@ -367,7 +374,7 @@ def part_mistral(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.mistral_with_fixed:  # the fixed-rank bundle of the same size first, in the same process
         start = time.perf_counter()
         report = compress(source, rank=16, seed=args.seed, progress=True, device=args.device).report
-        fixed = {"seconds": time.perf_counter() - start, "mean_error": report["overall"]["mean_error"]}
+        fixed = {"seconds": time.perf_counter() - start, "mean_error": report.overall.mean_error}
         print(f"   fixed rank 16: {fixed['seconds']:.1f} s, mean error {fixed['mean_error']:.4f}", flush=True)
     start = time.perf_counter()
     bundle = compress(source, budget="r16", cluster_counts=(), seed=args.seed, progress=True, device=args.device)
@@ -385,12 +392,12 @@ def part_mistral(args: argparse.Namespace) -> list[dict[str, Any]]:
         "seconds_planned": planned,
         "seconds_planned_and_written": written,
         "seconds_generating_factors": source.load_seconds,
-        "timings": report["timings"],
+        "timings": report.timings,
         "bundle_bytes_on_disk": size,
-        "floats": report["params"]["bundle"],
-        "mean_error": report["overall"]["mean_error"],
-        "modules_by_family": report["budget"]["modules_by_family"],
-        "baselines_within_budget": report["budget"]["baselines_within_budget"],
+        "floats": report.size.params_bundle,
+        "mean_error": report.overall.mean_error,
+        "modules_by_family": report.budget["modules_by_family"],
+        "baselines_within_budget": report.budget["baselines_within_budget"],
         "fixed_rank_16": fixed,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
         "load_average_after": os.getloadavg(),

@@ -251,9 +251,9 @@ def compressed_bundle(folders: Sequence[Path], cfg: dict[str, Any], out: Path) -
         bundle = compress(paths, rank=cfg["rank"], sigma=sigma, clusters=cfg["clusters"], device="cpu", progress=False)
     save_bundle(bundle, out, overwrite=True)
     info = {
-        "bytes": int(bundle.report["bytes"]["bundle"]),
-        "mean_error": float(bundle.report["overall"]["mean_error"]),
-        "errors": {n: float(e["mean_error"]) for n, e in bundle.report["per_adapter"].items()},
+        "bytes": int(bundle.report.size.bytes_bundle),
+        "mean_error": float(bundle.report.overall.mean_error),
+        "errors": {n: float(e.mean_error) for n, e in bundle.report.per_adapter.items()},
     }
     return out, info
 

@@ -166,11 +166,11 @@ def run_jd(folders: Sequence[Path], originals: dict[str, Factors], method: str, 
     errors = adapter_errors(originals, recon)
     report = bundle.report
     return {
-        "bytes": int(report["bytes"]["bundle"]),
+        "bytes": int(report.size.bytes_bundle),
         "errors": errors,
-        "reported_mean_error": float(report["overall"]["mean_error"]),
+        "reported_mean_error": float(report.overall.mean_error),
         "seconds": seconds,
-        "num_clusters": int(report["num_clusters"]),
+        "num_clusters": int(report.num_clusters),
     }
 
 

@@ -420,11 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         bundles[clusters] = save_bundle(bundle, root / f"bundle-c{clusters}", overwrite=True)
         results[f"bundle_c{clusters}"] = {
-            "mean_error": bundle.report["overall"]["mean_error"],
+            "mean_error": bundle.report.overall.mean_error,
             "assignment": bundle.config.adapter_clusters,
-            "bytes": bundle.report["bytes"]["bundle"],
+            "bytes": bundle.report.size.bytes_bundle,
         }
-        log(f"bundle with {clusters} cluster(s): mean error {bundle.report['overall']['mean_error']:.4f}")
+        log(f"bundle with {clusters} cluster(s): mean error {bundle.report.overall.mean_error:.4f}")
     bases = [base, load_smollm2()[0]]
     for name in held_out:
         log(f"[held out] {name}")

@@ -176,8 +176,8 @@ def run_demo(
     timings["compress"] = time.perf_counter() - t0
     report["bundle_dir"] = str(bundle_dir)
     report["errors"] = {
-        "per_adapter": {n: bundle.report["per_adapter"][n]["mean_error"] for n in names},
-        "overall": bundle.report["overall"]["mean_error"],
+        "per_adapter": {n: bundle.report.per_adapter[n].mean_error for n in names},
+        "overall": bundle.report.overall.mean_error,
     }
 
     rows = mixed_rows(folders, config.prompts_per_adapter)

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +28,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import BundleFormatError, JDLoraConfig, model_type_of
+from .report import REPORT_NAME, BundleReport
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHTS_NAME = "adapter_model.bin"  # what PEFT's save_pretrained(safe_serialization=False) writes
-REPORT_NAME = "jdlora_report.json"
 CARD_NAME = "README.md"
 BUNDLE_FILES = (CONFIG_NAME, WEIGHTS_NAME, REPORT_NAME, CARD_NAME)  # a bundle folder's own files; nothing else is ours
 KEY_PREFIX = "base_model.model."
@@ -150,8 +150,13 @@ class Bundle:
 
     config: JDLoraConfig
     modules: dict[str, ModuleFactors]
-    report: Optional[dict[str, Any]] = None
+    report: Optional[BundleReport] = None
     extra_files: dict[str, str] = field(default_factory=dict)  # file name -> text (e.g. README.md)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "report" and isinstance(value, Mapping):  # a report given as its JSON is read into the type
+            value = BundleReport.from_dict(dict(value))
+        super().__setattr__(name, value)
 
     def validate(self) -> None:
         """Check the tensors against the config (names, float dtypes, shapes, targets) and that every value is
@@ -211,16 +216,17 @@ def atomic_output_dir(output_dir: Union[str, os.PathLike], overwrite: bool = Fal
         raise
 
 
-def write_bundle_files(bundle: Bundle, folder: Union[str, os.PathLike]) -> None:
-    """Write the bundle's files into an existing folder (no atomicity: see `save_bundle`)."""
+def write_bundle_files(bundle: Bundle, folder: Union[str, os.PathLike], *, with_report: bool = True) -> None:
+    """Write the bundle's files into an existing folder (no atomicity: see `save_bundle`). `with_report=False` leaves
+    the report to the caller (the jdlora tools write it last, once, with their verification)."""
     folder = Path(folder)
     bundle.validate()
     if bundle.config.base_model_type is None:  # record what the bundle is for, where the base model can be found
         bundle.config.base_model_type = model_type_of(bundle.config.base_model_name_or_path)
     save_file(bundle.state_dict(), folder / WEIGHTS_NAME, metadata={"format": "pt"})
     bundle.config.save_pretrained(str(folder))
-    if bundle.report is not None:
-        (folder / REPORT_NAME).write_text(json.dumps(bundle.report, indent=2, sort_keys=True) + "\n")
+    if with_report and bundle.report is not None:
+        (folder / REPORT_NAME).write_text(bundle.report.to_json())
     for name, text in bundle.extra_files.items():
         (folder / name).write_text(text)
 
@@ -346,7 +352,9 @@ def load_bundle(path_or_repo: Union[str, os.PathLike], revision: Optional[str] =
         raise BundleFormatError(f"{weights_file} cannot be read: {err}") from None
     modules = _modules_from_state_dict(tensors, str(weights_file))
     report_file = folder / REPORT_NAME
-    report = json.loads(report_file.read_text()) if report_file.is_file() else None
+    report = None
+    if report_file.is_file():
+        report = BundleReport.from_dict(read_json_object(report_file, holds="report fields"), str(report_file))
     bundle = Bundle(config=config, modules=modules, report=report)
     try:
         bundle.validate()

@@ -28,6 +28,7 @@ Choices (docs/training.md has the measurements):
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -61,8 +62,9 @@ from .bundle import (
     read_weights_header,
     write_bundle_files,
 )
-from .config import JDLoraConfig
+from .config import BundleFormatError, JDLoraConfig
 from .layer import JDLoraLayer
+from .report import AdapterReport, BundleReport
 
 TRAINED_SOURCE = "trained in basis"
 INIT_CHOICES = ("zeros", "mean", "project:<LoRA folder>")
@@ -104,7 +106,7 @@ class TrainableAdapter:
     data: dict[str, Any] = field(default_factory=dict)
     original_default: Optional[Union[str, int]] = None
     storage_dtype: Optional[torch.dtype] = None
-    source_report: Optional[dict[str, Any]] = None
+    source_report: Optional[BundleReport] = None
     loaded_from: Optional[tuple[str, Optional[str], Optional[str]]] = None
     target_modules: Any = None  # as the source bundle wrote them
     fingerprints: dict[str, str] = field(default_factory=dict, repr=False)
@@ -224,7 +226,7 @@ class _Source:
     """What the model does not hold of the bundle it was loaded from: its report, its storage dtype, and its
     target_modules as written (PEFT shortens a long list to suffixes when it injects the layers)."""
 
-    report: Optional[dict[str, Any]] = None
+    report: Optional[BundleReport] = None
     dtype: Optional[torch.dtype] = None
     target_modules: Any = None
 
@@ -255,10 +257,12 @@ def _source_files(loaded_from: Optional[tuple[str, Optional[str], Optional[str]]
     except Exception:  # the weights were read by PEFT a moment ago; if they are gone, keep the dtype held
         dtype = None
     config = _read_source_json(path, subfolder, revision, CONFIG_NAME) or {}
-    report = _read_source_json(path, subfolder, revision, REPORT_NAME)
-    return _Source(
-        report=report if isinstance(report, dict) else None, dtype=dtype, target_modules=config.get("target_modules")
-    )
+    found = _read_source_json(path, subfolder, revision, REPORT_NAME)
+    try:  # a report that does not read is no report: the new one starts fresh, as without one
+        report = BundleReport.from_dict(found) if found else None
+    except BundleFormatError:
+        report = None
+    return _Source(report=report, dtype=dtype, target_modules=config.get("target_modules"))
 
 
 def _copy_config(config: JDLoraConfig, **changes: Any) -> JDLoraConfig:
@@ -550,7 +554,7 @@ def _projection(
             m: ModuleFactors(layer.jd_U[bundle].detach(), layer.jd_V[bundle].detach(), layer.jd_sigma[bundle].detach())
             for m, layer in layers.items()
         },
-        report=dict(report) if report else None,
+        report=copy.deepcopy(report),
     )
     projected = project(view, [adapter], progress=False)
     out: dict[str, Any] = {"clusters": {}, "sigma": {}, "bases": {}, "factors": {}}
@@ -867,34 +871,28 @@ def trained_bundle(model: nn.Module, bundle: Optional[str] = None) -> Bundle:
     return result
 
 
-def _updated_report(state: TrainableAdapter, bundle: Bundle) -> dict[str, Any]:
+def _updated_report(state: TrainableAdapter, bundle: Bundle) -> BundleReport:
     """The source bundle's report with the trained adapter added (per adapter, overall, sizes); a report of the new
     adapter alone when the source had none."""
-    from .compression.api import _refresh_sizes
-    from .compression.metrics import dtype_bytes, overall
+    from .compression.api import _refresh_size
+    from .compression.metrics import dtype_bytes
 
-    report = json.loads(json.dumps(state.source_report)) if state.source_report else {}
-    had_report = bool(report)
-    entry = {
-        "mean_error": 0.0,  # the bundle holds the trained adapter exactly: there was no compression
-        "max_error": 0.0,
-        "cluster": state.cluster_choice.get("default_cluster", 0),
-        "modules": {},
-        "params": state.num_trainable_params,
-        "trained_in_basis": {k: v for k, v in state.source_entry().items() if k not in ("source", "type")},
-    }
-    per_adapter = {**report.get("per_adapter", {}), state.name: entry}
-    report.update(
-        per_adapter=per_adapter,
-        trained_in_basis=[*report.get("trained_in_basis", []), state.name],
-        num_adapters=bundle.config.num_adapters,
-        num_clusters=bundle.config.num_clusters,
+    had_report = state.source_report is not None
+    report = copy.deepcopy(state.source_report) if had_report else BundleReport()
+    report.per_adapter[state.name] = AdapterReport(
+        mean_error=0.0,  # the bundle holds the trained adapter exactly: there was no compression
+        max_error=0.0,
+        cluster=state.cluster_choice.get("default_cluster", 0),
+        params=state.num_trainable_params,
+        trained_in_basis={k: v for k, v in state.source_entry().items() if k not in ("source", "type")},
     )
+    report.trained_in_basis = [*report.trained_in_basis, state.name]
+    report.num_adapters, report.num_clusters = bundle.config.num_adapters, bundle.config.num_clusters
     bundle.report = report
-    if had_report and all("mean_error" in e for e in per_adapter.values()):
-        report["overall"] = overall(per_adapter)
+    if had_report and all(entry.mean_error is not None for entry in report.per_adapter.values()):
+        report.refresh_overall()
         dtype = next(iter(bundle.modules.values())).sigma.dtype
-        _refresh_sizes(bundle, original_extra=state.num_trainable_params * dtype_bytes(dtype))
+        _refresh_size(bundle, original_added=state.num_trainable_params * dtype_bytes(dtype))
     return report
 
 
@@ -953,7 +951,6 @@ def save_trained_bundle(
     destination = staged_bundle_update(target) if target.is_dir() else atomic_output_dir(target)
     with destination as tmp:
         write_bundle_files(result, tmp)
-        (tmp / REPORT_NAME).write_text(json.dumps(result.report, indent=2, sort_keys=True, default=str) + "\n")
         (tmp / CARD_NAME).write_text(card)
         _check_written(result, tmp)
     return target

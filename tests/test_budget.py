@@ -98,16 +98,16 @@ def test_parse_budget_and_cost_model():
 
 def test_shared_basis_gets_one_cluster():
     bundle = compress(collection("shared"), budget="3x", progress=False, device="cpu", cluster_counts=(2,))
-    assert families_of(bundle.report["plan"]) == {"jd1"}
+    assert families_of(bundle.report.plan) == {"jd1"}
     assert bundle.config.num_clusters == 1 and not bundle.config.cluster_pattern
     assert bundle.config.sigma_type == "full" and not bundle.config.sigma_pattern
-    assert bundle.report["overall"]["mean_error"] < 0.01
+    assert bundle.report.overall.mean_error < 0.01
 
 
 def test_independent_adapters_get_per_adapter_svd():
     # (On a budget below rank-1 SVD everywhere, the cheap rank-1 shared bases fill the modules SVD cannot afford.)
     bundle = compress(collection("random"), budget="2x", progress=False, device="cpu", cluster_counts=(2,))
-    assert families_of(bundle.report["plan"]) == {"svd"}
+    assert families_of(bundle.report.plan) == {"svd"}
     config = bundle.config
     assert config.sigma_type == "diag" and config.adapter_clusters == list(range(N)) and config.num_clusters == N
     for f in bundle.modules.values():
@@ -117,14 +117,14 @@ def test_independent_adapters_get_per_adapter_svd():
 def test_two_families_get_two_clusters():
     source = collection("families")
     bundle = compress(source, budget="2x", progress=False, device="cpu", cluster_counts=(2,))
-    assert families_of(bundle.report["plan"]) == {"jd2"}
+    assert families_of(bundle.report.plan) == {"jd2"}
     clusters = bundle.config.adapter_clusters
     truth = [source.family(i) for i in range(N)]
     # The same partition as the hidden families (cluster ids are arbitrary).
     assert len(set(clusters)) == 2 and all(
         (clusters[i] == clusters[j]) == (truth[i] == truth[j]) for i in range(N) for j in range(N)
     )
-    assert bundle.report["overall"]["mean_error"] < 0.01
+    assert bundle.report.overall.mean_error < 0.01
 
 
 @pytest.mark.parametrize(("kind", "budget"), [("shared", "2x"), ("random", "2x"), ("families", "3x")])
@@ -132,47 +132,47 @@ def test_never_above_either_baseline_at_equal_floats(kind, budget):
     source = collection(kind, noise=0.3)
     bundle = compress(source, budget=budget, progress=False, device="cpu", cluster_counts=(2,))
     report = bundle.report
-    floats = report["params"]["bundle"]
-    error = report["overall"]["mean_error"]
+    floats = report.size.params_bundle
+    error = report.overall.mean_error
     errors = {}
     for method in ("svd", "jd"):
         rank = largest_uniform_rank(source, floats, method)
         assert rank is not None
         base = compress(source, method=method, rank=rank, progress=False, device="cpu", cluster_counts=(2,))
-        assert base.report["params"]["bundle"] <= floats
-        errors[method] = base.report["overall"]["mean_error"]
+        assert base.report.size.params_bundle <= floats
+        errors[method] = base.report.overall.mean_error
         assert error <= errors[method] * (1 + 1e-9) + 1e-12, (method, rank, error, errors[method])
     # The plan's own baselines within the budget are the bundles `compress` builds at those ranks: exact on the curves.
-    budget_floats = report["budget"]["floats"]
+    budget_floats = report.budget["floats"]
     for method, family in (("jd", "jd1"), ("svd", "svd")):
-        baseline = report["budget"]["baselines_within_budget"][family]
+        baseline = report.budget["baselines_within_budget"][family]
         assert baseline["exact"] and baseline["rank"] == largest_uniform_rank(source, budget_floats, method)
         real = compress(source, method=method, rank=baseline["rank"], progress=False, device="cpu")
-        assert baseline["mean_error"] == pytest.approx(real.report["overall"]["mean_error"], rel=1e-6, abs=1e-12)
+        assert baseline["mean_error"] == pytest.approx(real.report.overall.mean_error, rel=1e-6, abs=1e-12)
         assert error <= baseline["mean_error"] * (1 + 1e-9) + 1e-12
     # The stored bundle (float64) is at most the predicted error: refining a nested start never makes it worse.
-    assert error <= report["budget"]["predicted_mean_error"] * (1 + 1e-9) + 1e-12
+    assert error <= report.budget["predicted_mean_error"] * (1 + 1e-9) + 1e-12
 
 
 @pytest.mark.parametrize("kind", ["random", "shared"])
 def test_fixed_rank_report_carries_the_svd_baseline_around_its_size(kind):
     source = collection(kind, noise=0.3)
     bundle = compress(source, rank=12, progress=False, device="cpu")
-    floats = bundle.report["params"]["bundle"]
-    same, above = bundle.report["svd_baseline"]["same_floats"], bundle.report["svd_baseline"]["next_rank"]
+    floats = bundle.report.size.params_bundle
+    same, above = bundle.report.svd_baseline["same_floats"], bundle.report.svd_baseline["next_rank"]
     assert same["rank"] == largest_uniform_rank(source, floats, "svd") and same["floats"] <= floats
     assert above["rank"] == same["rank"] + 1 and above["floats"] > floats
     # Each is the error of the SVD bundle `compress` builds at that rank, predicted without building it.
     for point in (same, above):
         real = compress(source, method="svd", rank=point["rank"], progress=False, device="cpu")
-        assert point["floats"] == real.report["params"]["bundle"]
-        assert point["mean_error"] == pytest.approx(real.report["overall"]["mean_error"], rel=1e-9, abs=1e-12)
+        assert point["floats"] == real.report.size.params_bundle
+        assert point["mean_error"] == pytest.approx(real.report.overall.mean_error, rel=1e-9, abs=1e-12)
     # Unrelated adapters: SVD spends the same bytes better; one shared basis: the joint fit does.
-    jd = bundle.report["overall"]["mean_error"]
+    jd = bundle.report.overall.mean_error
     assert (same["mean_error"] < 0.9 * jd) if kind == "random" else (same["mean_error"] > jd)
     # A bundle smaller than rank-1 SVD everywhere still gets the rank-1 point (with its larger size).
     small = compress(source, rank=1, progress=False, device="cpu").report
-    assert small["svd_baseline"]["same_floats"] is None and small["svd_baseline"]["next_rank"]["rank"] == 1
+    assert small.svd_baseline["same_floats"] is None and small.svd_baseline["next_rank"]["rank"] == 1
 
 
 def test_reported_floats_match_the_tensors_and_the_budget():
@@ -180,11 +180,11 @@ def test_reported_floats_match_the_tensors_and_the_budget():
     bundle = compress(source, budget="3x", progress=False, device="cpu", dtype=torch.float32)
     report = bundle.report
     floats = bundle_floats(bundle)
-    assert report["params"]["bundle"] == floats == report["budget"]["plan_floats"]
-    assert floats == sum(entry["floats"] for entry in report["plan"].values())
-    assert report["bytes"]["bundle"] == 4 * floats == report["budget"]["plan_bytes"]
-    assert floats <= report["budget"]["floats"] == budget_to_floats("3x", report["bytes"]["original"], torch.float32)
-    for module, entry in report["plan"].items():
+    assert report.size.params_bundle == floats == report.budget["plan_floats"]
+    assert floats == sum(entry["floats"] for entry in report.plan.values())
+    assert report.size.bytes_bundle == 4 * floats == report.budget["plan_bytes"]
+    assert floats <= report.budget["floats"] == budget_to_floats("3x", report.size.bytes_original, torch.float32)
+    for module, entry in report.plan.items():
         f = bundle.modules[module]
         assert f.U.numel() + f.V.numel() + f.sigma.numel() == entry["floats"]
         assert (f.U.shape[0], f.U.shape[-1]) == (entry["num_clusters"], entry["rank"])
@@ -207,12 +207,12 @@ def test_target_error_plans():
     kwargs = {"progress": False, "device": "cpu", "cluster_counts": (2,)}
     mean = compress(source, budget="auto", target_error=0.05, **kwargs)
     every = compress(source, budget="auto", target_error=0.05, target_error_every=True, **kwargs)
-    assert mean.report["overall"]["mean_error"] <= 0.05 + 1e-9
-    assert every.report["overall"]["worst_error"] <= 0.05 + 1e-9
+    assert mean.report.overall.mean_error <= 0.05 + 1e-9
+    assert every.report.overall.worst_error <= 0.05 + 1e-9
     assert bundle_floats(mean) <= bundle_floats(every)
     # Smallest: the best plan within one float less misses the target.
     smaller = compress(source, budget=8 * (bundle_floats(mean) - 1), **kwargs)  # float64: 8 bytes per float
-    assert smaller.report["overall"]["mean_error"] > 0.05
+    assert smaller.report.overall.mean_error > 0.05
 
 
 # ------------------------------------------------------------------------------------------------ serving
@@ -253,7 +253,7 @@ def test_lossless_budget_plan_serves_like_the_source_loras(tmp_path):
     bundle = compress(
         [str(f) for f in folders.values()], budget="0.8x", progress=False, device="cpu", cluster_counts=(2,)
     )
-    assert bundle.report["overall"]["max_module_error"] < 1e-6  # float32 rounding
+    assert bundle.report.overall.max_module_error < 1e-6  # float32 rounding
     save_bundle(bundle, tmp_path / "bundle")
     model = _bundle_model(tmp_path / "base", tmp_path / "bundle")
     lora = _peft_lora(tmp_path / "base", {f.name: f for f in folders.values()})
@@ -294,7 +294,7 @@ def _mixed_collection() -> list[LoraAdapter]:
 
 def test_mixed_budget_plan_serves_its_own_reconstruction(tmp_path):
     bundle = compress(_mixed_collection(), budget="3x", progress=False, device="cpu", cluster_counts=(2,))
-    plan = bundle.report["plan"]
+    plan = bundle.report.plan
     assert {plan[m]["kind"] for m in plan if "q_proj" in m} == {"jd"}
     assert {plan[m]["kind"] for m in plan if "v_proj" in m} == {"svd"}
     assert bundle.config.sigma_pattern and bundle.config.cluster_pattern
@@ -344,22 +344,22 @@ def test_cli_convert_with_budget_and_target_error(tmp_path, capsys):
     assert main(["convert", *sources, "--out", str(tmp_path / "b1"), "--budget", "3x", *common]) == 0
     out = json.loads(capsys.readouterr().out)
     report = load_bundle(tmp_path / "b1").report
-    assert report["method"] == "budget" and report["budget"]["requested"] == "3x"
-    assert report["params"]["bundle"] <= report["budget"]["floats"] and out["summary"]["method"] == "budget"
-    assert "svd_baseline" not in report  # a plan has its baselines in report["budget"]
+    assert report.method == "budget" and report.budget["requested"] == "3x"
+    assert report.size.params_bundle <= report.budget["floats"] and out["summary"]["method"] == "budget"
+    assert report.svd_baseline is None  # a plan has its baselines in report.budget
     card = (tmp_path / "b1" / "README.md").read_text()
     assert "## Budget plan" in card and "per-adapter SVD, one rank everywhere" in card
-    assert f"| this bundle | {report['budget']['plan_floats']:,} |" in card
-    assert all(module in card for module in report["plan"])
+    assert f"| this bundle | {report.budget['plan_floats']:,} |" in card
+    assert all(module in card for module in report.plan)
     argv = ["convert", *sources, "--out", str(tmp_path / "b2"), "--target-error", "0.2", "--every-adapter", *common]
     assert main(argv) == 0
     capsys.readouterr()
     report = load_bundle(tmp_path / "b2").report
-    assert report["budget"]["target"] == "every adapter" and report["overall"]["worst_error"] <= 0.2 + 1e-6
+    assert report.budget["target"] == "every adapter" and report.overall.worst_error <= 0.2 + 1e-6
     # A fixed-rank bundle of unrelated adapters says that per-adapter SVD would use its bytes better.
     assert main(["convert", *sources, "--out", str(tmp_path / "b3"), "--rank", "8", "--no-base-check", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    same = load_bundle(tmp_path / "b3").report["svd_baseline"]["same_floats"]
+    same = load_bundle(tmp_path / "b3").report.svd_baseline["same_floats"]
     assert "hint:" in printed and f"per-adapter SVD (rank {same['rank']}) has mean error" in printed
     card = (tmp_path / "b3" / "README.md").read_text()
     assert f"| per-adapter SVD near this size | rank {same['rank']}: mean error" in card
@@ -401,21 +401,21 @@ def test_default_plan_is_never_worse_than_either_baseline(kind):
         device="cpu",
     )
     report = plan.report
-    error, floats = report["overall"]["mean_error"], report["params"]["bundle"]
+    error, floats = report.overall.mean_error, report.size.params_bundle
     fixed = compress(source, rank=16, progress=False, device="cpu")
-    assert floats <= report["budget"]["floats"] == fixed.report["params"]["bundle"]
-    assert error <= fixed.report["overall"]["mean_error"] * (1 + 1e-9) + 1e-12
-    assert report["budget"]["families_pruned"] == [] and report["budget"]["cluster_counts"] == []
-    assert set(report["budget"]["modules_by_family"]) <= {"svd", "jd1"}
+    assert floats <= report.budget["floats"] == fixed.report.size.params_bundle
+    assert error <= fixed.report.overall.mean_error * (1 + 1e-9) + 1e-12
+    assert report.budget["families_pruned"] == [] and report.budget["cluster_counts"] == []
+    assert set(report.budget["modules_by_family"]) <= {"svd", "jd1"}
     for method in ("svd", "jd"):
         rank = largest_uniform_rank(source, floats, method)
         if rank is None:  # rank 1 does not fit (per-adapter SVD of many adapters is dear)
             continue
         baseline = compress(source, method=method, rank=rank, progress=False, device="cpu").report
-        assert baseline["params"]["bundle"] <= floats
-        assert error <= baseline["overall"]["mean_error"] * (1 + 1e-9) + 1e-12, (method, rank)
+        assert baseline.size.params_bundle <= floats
+        assert error <= baseline.overall.mean_error * (1 + 1e-9) + 1e-12, (method, rank)
     # Per module, the stored error never exceeds the predicted one (nested starts are only refined).
-    for module, entry in report["plan"].items():
+    for module, entry in report.plan.items():
         assert entry["mean_error"] <= entry["predicted_mean_error"] * (1 + 1e-9) + 1e-12, module
 
 
@@ -425,9 +425,9 @@ def test_unrelated_adapters_with_decaying_spectra_go_to_per_adapter_svd():
     source = SyntheticSource(MODULES, N, lora_rank=R, kind="random", decay=0.5, seed=2, dtype=torch.float64)
     plan = compress(source, budget="r16", cluster_counts=(), progress=False, device="cpu").report
     fixed = compress(source, rank=16, progress=False, device="cpu").report
-    assert plan["budget"]["modules_by_family"] == {"svd": len(MODULES)}
-    assert plan["overall"]["mean_error"] < 0.2 * fixed["overall"]["mean_error"]
-    assert plan["overall"]["mean_error"] < 0.7 * plan["budget"]["baselines_within_budget"]["svd"]["mean_error"]
+    assert plan.budget["modules_by_family"] == {"svd": len(MODULES)}
+    assert plan.overall.mean_error < 0.2 * fixed.overall.mean_error
+    assert plan.overall.mean_error < 0.7 * plan.budget["baselines_within_budget"]["svd"]["mean_error"]
 
 
 def test_plans_are_deterministic_and_do_not_depend_on_batching():
@@ -445,8 +445,8 @@ def test_plans_are_deterministic_and_do_not_depend_on_batching():
             torch.testing.assert_close(
                 one_module_batches.delta_weight(module, name), first.delta_weight(module, name), atol=1e-9, rtol=1e-7
             )
-    assert first.report["plan"] == again.report["plan"]
-    assert first.report["overall"] == again.report["overall"]
+    assert first.report.plan == again.report.plan
+    assert first.report.overall == again.report.overall
 
 
 def test_nested_curves_one_fit_per_family():
@@ -457,11 +457,11 @@ def test_nested_curves_one_fit_per_family():
     budget_floats = uniform_floats(source.shapes(), source.ranks(), "jd", 6)
     plan = compress(source, budget=budget_floats * 8, cluster_counts=(), progress=False, device="cpu")
     report = plan.report
-    assert report["budget"]["fit_rank"] == 6
-    assert report["timings"]["fits"] == 2  # one per batch of same-shape modules (q_proj, v_proj)
+    assert report.budget["fit_rank"] == 6
+    assert report.timings["fits"] == 2  # one per batch of same-shape modules (q_proj, v_proj)
     fixed = compress(source, rank=6, progress=False, device="cpu")
-    assert report["budget"]["baselines_within_budget"]["jd1"]["mean_error"] == pytest.approx(
-        fixed.report["overall"]["mean_error"], rel=1e-9, abs=1e-12
+    assert report.budget["baselines_within_budget"]["jd1"]["mean_error"] == pytest.approx(
+        fixed.report.overall.mean_error, rel=1e-9, abs=1e-12
     )
     from peft_jdlora.compression.curves import CurveFitter, Family
     from peft_jdlora.compression.engine import Placement
@@ -481,10 +481,10 @@ def test_nested_curves_one_fit_per_family():
         torch.testing.assert_close(bases.U[0].mT @ bases.U[0], eye, atol=1e-10, rtol=0)
         torch.testing.assert_close(bases.V[0].mT @ bases.V[0], eye, atol=1e-10, rtol=0)
         # The fit's subspace is the first 6 columns (rotated within), so rank 6 is the fit's error.
-        fitted = fixed.report["per_adapter"]
+        fitted = fixed.report.per_adapter
         exact = next(o for o in jd if o.rank == 6)
         assert sum(exact.errors) / N == pytest.approx(
-            sum(fitted[n]["modules"][module] for n in fitted) / N, rel=1e-9, abs=1e-12
+            sum(fitted[n].modules[module] for n in fitted) / N, rel=1e-9, abs=1e-12
         )
     # Build a plan at ranks below the fit: the stored errors are at most the curves' (refined from nested starts).
     low = {m: next(o for o in c.options if o.family == "jd1" and o.rank == 3) for m, c in curves.items()}
@@ -501,12 +501,12 @@ def test_clusters_are_chosen_on_a_sample_and_pruned_when_unused():
     }
     shared = SyntheticSource(modules, N, lora_rank=R, kind="shared", basis_rank=4, noise=0.05, seed=4)
     report = compress(shared, budget="4x", cluster_counts=(2,), cluster_sample=4, progress=False, device="cpu").report
-    assert report["budget"]["cluster_sample_modules"] == 4
-    assert report["budget"]["families_pruned"] == ["jd2"]  # one shared basis is what this collection rewards
-    assert "jd2" not in report["budget"]["modules_by_family"]
+    assert report.budget["cluster_sample_modules"] == 4
+    assert report.budget["families_pruned"] == ["jd2"]  # one shared basis is what this collection rewards
+    assert "jd2" not in report.budget["modules_by_family"]
     families = SyntheticSource(modules, N, lora_rank=R, kind="families", basis_rank=4, noise=0.05, seed=4)
     report = compress(families, budget="3x", cluster_counts=(2,), cluster_sample=4, progress=False, device="cpu").report
-    assert report["budget"]["families_pruned"] == [] and "jd2" in report["budget"]["modules_by_family"]
+    assert report.budget["families_pruned"] == [] and "jd2" in report.budget["modules_by_family"]
 
 
 def test_engine_gives_every_smaller_cluster_count_on_the_way():
@@ -539,16 +539,16 @@ def test_cli_default_is_a_budget_plan_and_fixed_shapes_keep_their_meaning(tmp_pa
     assert main(["convert", *sources, "--out", str(tmp_path / "default"), *common]) == 0
     summary = json.loads(capsys.readouterr().out)["summary"]
     report = load_bundle(tmp_path / "default").report
-    assert report["method"] == summary["method"] == "budget"
-    assert report["budget"]["requested"] == DEFAULT_BUDGET and report["budget"]["cluster_counts"] == []
+    assert report.method == summary["method"] == "budget"
+    assert report.budget["requested"] == DEFAULT_BUDGET and report.budget["cluster_counts"] == []
     assert summary["budget_plan"]["baselines"]["jd1"]["rank"] == 16
     # The same size as --rank 16, and never worse than it.
     assert main(["convert", *sources, "--out", str(tmp_path / "r16"), "--rank", "16", *common]) == 0
     capsys.readouterr()
     r16 = load_bundle(tmp_path / "r16").report
-    assert r16["method"] == "jd-full" and r16["rank"] == 16
-    assert report["params"]["bundle"] <= r16["params"]["bundle"] == report["budget"]["floats"]
-    assert report["overall"]["mean_error"] <= r16["overall"]["mean_error"] + 1e-6  # float32: lossless at 1e-7
+    assert r16.method == "jd-full" and r16.rank == 16
+    assert report.size.params_bundle <= r16.size.params_bundle == report.budget["floats"]
+    assert report.overall.mean_error <= r16.overall.mean_error + 1e-6  # float32: lossless at 1e-7
     # --method, --sigma and --clusters alone keep today's fixed shapes (rank 16).
     for option, method in (
         (["--method", "svd"], "svd"),
@@ -558,18 +558,18 @@ def test_cli_default_is_a_budget_plan_and_fixed_shapes_keep_their_meaning(tmp_pa
         out = tmp_path / method / option[0].strip("-")
         assert main(["convert", *sources, "--out", str(out), *option, *common]) == 0
         capsys.readouterr()
-        assert load_bundle(out).report["method"] == method
+        assert load_bundle(out).report.method == method
     # The card and `jdlora inspect` explain the plan per module, with the baselines at the same floats.
     card = (tmp_path / "default" / "README.md").read_text()
     assert "## Budget plan" in card and "r16: the size of one shared basis of rank 16" in card
     assert main(["inspect", str(tmp_path / "default")]) == 0
     printed = capsys.readouterr().out
     assert "plan:" in printed and "within the budget: per-adapter SVD" in printed
-    for module in report["plan"]:
+    for module in report.plan:
         assert module in printed and module in card
     assert main(["inspect", str(tmp_path / "default"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["plan"]
-    assert [r["module"] for r in rows] == list(report["plan"])
+    assert [r["module"] for r in rows] == list(report.plan)
     # The default bundle serves through PEFT like its exported LoRAs (and through the kernels).
     names = list(folders)
     exported = {}
@@ -605,13 +605,13 @@ def test_refit_of_a_plan_plans_again(tmp_path, capsys):
     assert main(["convert", *sources[:3], "--out", str(tmp_path / "b"), "--budget", "3x", *common]) == 0
     assert main(["add", str(tmp_path / "b"), sources[3], "--refit", "--out", str(tmp_path / "refit"), *common]) == 0
     report = load_bundle(tmp_path / "refit").report
-    assert report["method"] == "budget" and report["budget"]["requested"] == "3x" and report["num_adapters"] == 4
-    assert report["budget"]["cluster_counts"] == [2, 4]
+    assert report.method == "budget" and report.budget["requested"] == "3x" and report.num_adapters == 4
+    assert report.budget["cluster_counts"] == [2, 4]
     # A shape given with --refit is a fixed-rank refit.
     argv = ["add", str(tmp_path / "b"), sources[3], "--refit", "--rank", "4", "--out", str(tmp_path / "r4"), *common]
     assert main(argv) == 0
     capsys.readouterr()
-    assert load_bundle(tmp_path / "r4").report["method"] == "jd-full"
+    assert load_bundle(tmp_path / "r4").report.method == "jd-full"
 
 
 def test_cli_checks_budget_without_importing_torch(tmp_path):

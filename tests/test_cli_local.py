@@ -116,7 +116,7 @@ def test_add_by_projection_keeps_the_bundle_and_places_the_new_adapter(local, bu
     data = run_json(capsys, "add", str(bundle), str(local / "adapters" / "d"), "--out", str(out))
     assert [a["name"] for a in data["adapters"]] == ["a", "b", "c", "d"] and data["added"] == ["d"]
     assert data["adapters"][3]["mean_error"] < 1e-6  # d = a lies in the basis
-    assert load_bundle(out).report["per_adapter"]["d"]["projected"]
+    assert load_bundle(out).report.per_adapter["d"].projected
     before = bundle_logits(bundle, local, ["a", "b", "c"])
     after = bundle_logits(out, local, ["a", "b", "c"])
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)  # projection leaves the others alone
@@ -145,7 +145,7 @@ def test_remove_drops_adapters_and_keeps_the_others_exact(local, bundle, capsys)
     kept = bundle_logits(bundle, local, ["a", "b", "c"])
     after = bundle_logits(out, local, ["a", None, "c"])
     torch.testing.assert_close(after[[0, 2]], kept[[0, 2]], rtol=0, atol=1e-6)
-    assert "b" not in load_bundle(out).report["per_adapter"]
+    assert "b" not in load_bundle(out).report.per_adapter
 
     in_place = shutil.copytree(bundle, local / "in-place")
     assert main(["remove", str(in_place), "c", "--in-place", "--quiet"]) == 0
@@ -308,10 +308,10 @@ def test_verification_steps(local, tmp_path):
 
     adapters = [read_lora_adapter(local / "adapters" / n) for n in "ab"]
     bundle = compress(adapters, rank=2, progress=False)
-    engine_errors = {n: bundle.report["per_adapter"][n]["mean_error"] for n in "ab"}
-    bundle.report["per_adapter"].clear()  # errors missing: they are computed with evaluate()
+    engine_errors = {n: bundle.report.per_adapter[n].mean_error for n in "ab"}
+    bundle.report.per_adapter.clear()  # errors missing: they are computed with evaluate()
     assert check_errors(bundle, adapters, max_error=None) == pytest.approx(engine_errors, rel=1e-6)
-    assert bundle.report["overall"]["worst_adapter"] == max(engine_errors, key=engine_errors.get)
+    assert bundle.report.overall.worst_adapter == max(engine_errors, key=engine_errors.get)
     with pytest.raises(VerificationError, match="exceed --max-error"):
         check_errors(bundle, adapters, max_error=min(engine_errors.values()) / 2)
 

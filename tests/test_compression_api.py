@@ -51,7 +51,7 @@ def peft_logits(model_fn, folder, input_ids):
 @pytest.mark.parametrize(("method", "sigma", "clusters"), [("jd", "full", 1), ("jd", "full", 2), ("svd", "full", 1)])
 def test_lossless_bundle_serves_the_same_logits_as_peft_lora(tmp_path, llama_loras, method, sigma, clusters):
     bundle = compress(llama_loras, rank=32, method=method, sigma=sigma, clusters=clusters, progress=False)
-    assert bundle.report["overall"]["mean_error"] < 1e-6
+    assert bundle.report.overall.mean_error < 1e-6
     save_bundle(bundle, tmp_path / "bundle")
     assert (tmp_path / "bundle" / "jdlora_report.json").is_file()
     served = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "bundle"))
@@ -87,42 +87,43 @@ def test_gpt2_conv1d_bundle_serves_the_same_logits(tmp_path):
 def test_report_schema_and_sizes(tmp_path, llama_loras):
     bundle = compress(llama_loras, rank=4, sigma="diag", dtype=torch.bfloat16, progress=False)
     report = bundle.report
-    assert report["method"] == "jd-diag" and report["sigma_type"] == "diag" and report["rank"] == 4
-    assert report["num_clusters"] == 1 and set(report["iterations"]) >= {"jd_full", "jd_diag", "cluster_passes"}
-    assert isinstance(report["seconds"], float) and report["device"] == "cpu"
-    assert set(report["per_adapter"]) == {"qv", "rs", "pat"}
-    for entry in report["per_adapter"].values():
-        assert set(entry) >= {"mean_error", "max_error", "cluster", "modules"}
-        assert entry["mean_error"] == pytest.approx(sum(entry["modules"].values()) / len(entry["modules"]))
-    worst = max(report["per_adapter"], key=lambda n: report["per_adapter"][n]["mean_error"])
-    assert report["overall"]["worst_adapter"] == worst
-    assert report["overall"]["worst_error"] == report["per_adapter"][worst]["mean_error"]
+    assert report.method == "jd-diag" and report.sigma_type == "diag" and report.rank == 4
+    assert report.num_clusters == 1 and set(report.iterations) >= {"jd_full", "jd_diag", "cluster_passes"}
+    assert isinstance(report.seconds, float) and report.device == "cpu"
+    assert set(report.per_adapter) == {"qv", "rs", "pat"}
+    for entry in report.per_adapter.values():
+        assert None not in (entry.mean_error, entry.max_error, entry.cluster) and entry.modules
+        assert entry.mean_error == pytest.approx(sum(entry.modules.values()) / len(entry.modules))
+    worst = max(report.per_adapter, key=lambda n: report.per_adapter[n].mean_error)
+    assert report.overall.worst_adapter == worst
+    assert report.overall.worst_error == report.per_adapter[worst].mean_error
     # Sizes: the original LoRA parameters counted from the folders, the bundle's from its tensors.
     original = 0
     for folder in llama_loras:
         for d_out, d_in, r in read_lora_adapter(folder).shapes().values():
             original += r * (d_out + d_in)
     stored = sum(f.U.numel() + f.V.numel() + f.sigma.numel() for f in bundle.modules.values())
-    assert report["params"] == {"original": original, "bundle": stored, "ratio": pytest.approx(original / stored)}
-    assert report["bytes"] == {"original": 4 * original, "bundle": 2 * stored, "dtype": "bfloat16"}
+    saved = report.to_dict()
+    assert saved["params"] == {"original": original, "bundle": stored, "ratio": pytest.approx(original / stored)}
+    assert saved["bytes"] == {"original": 4 * original, "bundle": 2 * stored, "dtype": "bfloat16"}
     assert all(f.U.dtype == torch.bfloat16 for f in bundle.modules.values())
     # Provenance in the config; the report survives a save / load round trip as JSON.
     assert [s["source"] for s in bundle.config.adapter_sources] == llama_loras
     assert bundle.config.adapter_sources[1]["use_rslora"] is True
     save_bundle(bundle, tmp_path / "b")
-    assert json.loads((tmp_path / "b" / "jdlora_report.json").read_text()) == json.loads(json.dumps(report))
-    assert load_bundle(tmp_path / "b").report["overall"] == json.loads(json.dumps(report["overall"]))
+    assert json.loads((tmp_path / "b" / "jdlora_report.json").read_text()) == report.to_dict()
+    assert load_bundle(tmp_path / "b").report == report
 
 
 def test_evaluate_equals_the_report(llama_loras):
     bundle = compress(llama_loras, rank=3, clusters=2, progress=False)
     adapters = [read_lora_adapter(f) for f in llama_loras]
     evaluation = evaluate(bundle, adapters)
-    for name, entry in bundle.report["per_adapter"].items():
-        assert evaluation["per_adapter"][name]["cluster"] == entry["cluster"]
-        for module, error in entry["modules"].items():
-            assert evaluation["per_adapter"][name]["modules"][module] == pytest.approx(error, abs=1e-5)
-    assert evaluation["overall"]["worst_adapter"] == bundle.report["overall"]["worst_adapter"]
+    for name, entry in bundle.report.per_adapter.items():
+        assert evaluation.per_adapter[name].cluster == entry.cluster
+        for module, error in entry.modules.items():
+            assert evaluation.per_adapter[name].modules[module] == pytest.approx(error, abs=1e-5)
+    assert evaluation.overall.worst_adapter == bundle.report.overall.worst_adapter
     with pytest.raises(KeyError, match="no adapter named"):
         evaluate(bundle, [read_lora_adapter(llama_loras[0], name="unknown")])
 
@@ -156,12 +157,12 @@ def test_projecting_a_member_reproduces_its_fitted_core(method, sigma, clusters)
         torch.testing.assert_close(
             grown.delta_weight(module, "copy"), bundle.delta_weight(module, member.name), atol=1e-10, rtol=0
         )
-    entry = grown.report["per_adapter"]["copy"]
-    assert entry["mean_error"] == pytest.approx(bundle.report["per_adapter"][member.name]["mean_error"], abs=1e-10)
-    assert entry["projected"] is True and grown.report["projected"] == ["copy"]
-    assert grown.report["params"]["original"] == bundle.report["params"]["original"] + member.num_params
+    entry = grown.report.per_adapter["copy"]
+    assert entry.mean_error == pytest.approx(bundle.report.per_adapter[member.name].mean_error, abs=1e-10)
+    assert entry.projected is True and grown.report.projected == ["copy"]
+    assert grown.report.size.params_original == bundle.report.size.params_original + member.num_params
     # The input bundle is unchanged.
-    assert bundle.config.num_adapters == 6 and "copy" not in bundle.report["per_adapter"]
+    assert bundle.config.num_adapters == 6 and "copy" not in bundle.report.per_adapter
 
 
 def test_projection_refusals(tmp_path, llama_loras):
@@ -194,10 +195,10 @@ def test_remove_drops_rows_and_empty_clusters(tmp_path):
         assert f.U.shape[0] == 1
         for name in kept:
             torch.testing.assert_close(smaller.delta_weight(module, name), bundle.delta_weight(module, name))
-    assert set(smaller.report["per_adapter"]) == set(kept) and smaller.report["removed"] == gone
+    assert set(smaller.report.per_adapter) == set(kept) and smaller.report.removed == gone
     removed_params = sum(a.num_params for a in adapters if a.name in gone)
-    assert smaller.report["params"]["original"] == bundle.report["params"]["original"] - removed_params
-    assert smaller.report["num_clusters"] == 1
+    assert smaller.report.size.params_original == bundle.report.size.params_original - removed_params
+    assert smaller.report.num_clusters == 1
     save_bundle(smaller, tmp_path / "smaller")
     # Removing and projecting back gives the same cores (no refit either way).
     back = project(remove(bundle, [kept[0]]), [a for a in adapters if a.name == kept[0]], progress=False)
@@ -260,7 +261,7 @@ def test_project_remove_evaluate_with_per_module_layouts():
         for module in adapter.modules:
             dense = adapter.delta_weight(module)
             expected = float((dense - bundle.delta_weight(module, adapter.name)).square().sum() / dense.square().sum())
-            assert evaluation["per_adapter"][adapter.name]["modules"][module] == pytest.approx(expected, abs=1e-10)
+            assert evaluation.per_adapter[adapter.name].modules[module] == pytest.approx(expected, abs=1e-10)
 
     member = adapters[3]
     copy = type(member)(name="copy", modules=member.modules, base_model=member.base_model, dtype=member.dtype)

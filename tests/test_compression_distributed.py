@@ -77,7 +77,7 @@ def test_two_gloo_processes_give_the_single_process_bundle(tmp_path):
             pytest.fail("the two gloo processes did not finish within 120 s")
     assert json.loads((tmp_path / "rank1.json").read_text()) == {"returned_none": True}
     bundle = load_bundle(tmp_path / "bundle")
-    assert bundle.report["world_size"] == 2
+    assert bundle.report.world_size == 2
     assert bundle.config.adapter_names == reference.config.adapter_names
     assert bundle.config.adapter_clusters == reference.config.adapter_clusters
     assert bundle.config.num_clusters == reference.config.num_clusters == 2
@@ -87,7 +87,7 @@ def test_two_gloo_processes_give_the_single_process_bundle(tmp_path):
             torch.testing.assert_close(
                 bundle.delta_weight(module, name), reference.delta_weight(module, name), atol=1e-5, rtol=1e-5
             )
-    assert bundle.report["overall"]["mean_error"] == pytest.approx(reference.report["overall"]["mean_error"], rel=1e-4)
+    assert bundle.report.overall.mean_error == pytest.approx(reference.report.overall.mean_error, rel=1e-4)
 
 
 def test_budget_plan_over_two_gloo_processes_is_the_single_process_plan(tmp_path):
@@ -109,8 +109,8 @@ def test_budget_plan_over_two_gloo_processes_is_the_single_process_plan(tmp_path
             pytest.fail("the two gloo processes did not finish within 120 s")
     assert json.loads((tmp_path / "rank1.json").read_text()) == {"returned_none": True}
     bundle = load_bundle(tmp_path / "bundle")
-    assert bundle.report["world_size"] == 2 and bundle.report["method"] == "budget"
-    assert bundle.report["plan"] == reference.report["plan"]
+    assert bundle.report.world_size == 2 and bundle.report.method == "budget"
+    assert bundle.report.plan == reference.report.plan
     assert bundle.config.to_dict() == reference.config.to_dict()
     for module in reference.modules:
         for name in bundle.config.adapter_names:

@@ -161,11 +161,11 @@ def test_a_collection_in_one_shared_basis_is_recovered_exactly():
     source = SyntheticSource(MODULES, num_adapters=7, lora_rank=4, kind="shared", basis_rank=6, dtype=F64, seed=1)
     adapters = adapters_from(source)
     bundle = compress(adapters, rank=6, progress=False)
-    assert bundle.report["overall"]["mean_error"] < 1e-10
+    assert bundle.report.overall.mean_error < 1e-10
     for errors in dense_errors(bundle, adapters).values():
         assert max(errors.values()) < 1e-10
     # With a smaller rank the same collection is not exact: the test can fail.
-    assert compress(adapters, rank=3, progress=False).report["overall"]["mean_error"] > 1e-3
+    assert compress(adapters, rank=3, progress=False).report.overall.mean_error > 1e-3
 
 
 def test_rank_at_least_the_total_rank_is_lossless_with_mixed_ranks_and_missing_modules():
@@ -174,11 +174,11 @@ def test_rank_at_least_the_total_rank_is_lossless_with_mixed_ranks_and_missing_m
     # Adapter 1 lacks a module: it is an exact zero there and is not counted in its mean.
     adapters[1].modules.pop("layers.0.v_proj")
     bundle = compress(adapters, rank=14, progress=False)
-    assert "layers.0.v_proj" not in bundle.report["per_adapter"][adapters[1].name]["modules"]
+    assert "layers.0.v_proj" not in bundle.report.per_adapter[adapters[1].name].modules
     assert float(bundle.delta_weight("layers.0.v_proj", adapters[1].name).abs().max()) == 0.0
     for name, errors in dense_errors(bundle, adapters).items():
         assert max(errors.values()) < 1e-10, name
-        assert bundle.report["per_adapter"][name]["max_error"] < 1e-10
+        assert bundle.report.per_adapter[name].max_error < 1e-10
     # The stored rank is capped at the collection's total rank of each module.
     assert bundle.config.rank_for("layers.0.v_proj") == 2 + 4 + 5
 
@@ -189,11 +189,11 @@ def test_reported_errors_equal_brute_force(method, sigma, clusters):
     adapters = adapters_from(source)
     bundle = compress(adapters, rank=5, sigma=sigma, clusters=clusters, method=method, progress=False)
     dense = dense_errors(bundle, adapters)
-    for name, entry in bundle.report["per_adapter"].items():
-        for module, error in entry["modules"].items():
+    for name, entry in bundle.report.per_adapter.items():
+        for module, error in entry.modules.items():
             assert error == pytest.approx(dense[name][module], abs=1e-10)
-        assert entry["mean_error"] == pytest.approx(sum(dense[name].values()) / len(dense[name]), abs=1e-10)
-    assert 0 < bundle.report["overall"]["mean_error"] < 1
+        assert entry.mean_error == pytest.approx(sum(dense[name].values()) / len(dense[name]), abs=1e-10)
+    assert 0 < bundle.report.overall.mean_error < 1
 
 
 def test_per_adapter_svd_is_the_eckart_young_truncation():
@@ -201,12 +201,12 @@ def test_per_adapter_svd_is_the_eckart_young_truncation():
     adapters = adapters_from(source)
     bundle = compress(adapters, rank=3, method="svd", progress=False)
     assert bundle.config.sigma_type == "diag" and bundle.config.num_clusters == 3
-    assert bundle.config.adapter_clusters == [0, 1, 2] and bundle.report["method"] == "svd"
+    assert bundle.config.adapter_clusters == [0, 1, 2] and bundle.report.method == "svd"
     for adapter in adapters:
         for module in adapter.modules:
             s = torch.linalg.svdvals(adapter.delta_weight(module))
             expected = float(s[3:].square().sum() / s.square().sum())
-            got = bundle.report["per_adapter"][adapter.name]["modules"][module]
+            got = bundle.report.per_adapter[adapter.name].modules[module]
             assert got == pytest.approx(expected, abs=1e-10)
             dense = adapter.delta_weight(module)
             rebuilt = bundle.delta_weight(module, adapter.name)
@@ -219,8 +219,8 @@ def test_joint_beats_per_adapter_svd_at_equal_storage_on_shared_structure():
     adapters = adapters_from(source)
     joint = compress(adapters, rank=8, progress=False)
     svd = compress(adapters, rank=2, method="svd", progress=False)
-    assert joint.report["params"]["bundle"] < svd.report["params"]["bundle"]
-    assert joint.report["overall"]["mean_error"] < svd.report["overall"]["mean_error"]
+    assert joint.report.size.params_bundle < svd.report.size.params_bundle
+    assert joint.report.overall.mean_error < svd.report.overall.mean_error
 
 
 def test_deterministic_and_independent_of_batching():

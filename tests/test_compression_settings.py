@@ -135,7 +135,7 @@ def test_compress_takes_settings_or_keywords_and_checks_them_before_reading_adap
     settings = CompressionSettings(rank=3, device="cpu")
     one = compress(source(), settings, progress=False)
     other = compress(source(), rank=3, device="cpu", progress=False)
-    assert one.report["overall"] == other.report["overall"]
+    assert one.report.overall == other.report.overall
     with pytest.raises(CompressionSettingsError, match="not both"):
         compress(source(), settings, rank=4, progress=False)
     # Bad settings are refused before a folder is read: the missing folder is never looked at.

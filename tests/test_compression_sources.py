@@ -321,9 +321,9 @@ def test_mixed_ranks_and_module_subsets_compress_together(tmp_path):
         for i in range(2)
         for m in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj")
     }
-    per_adapter = bundle.report["per_adapter"]
-    assert len(per_adapter["mlp"]["modules"]) == 2 and len(per_adapter["qv"]["modules"]) == 4
-    assert bundle.report["overall"]["mean_error"] < 1e-6  # lossless up to fp32 rounding
+    per_adapter = bundle.report.per_adapter
+    assert len(per_adapter["mlp"].modules) == 2 and len(per_adapter["qv"].modules) == 4
+    assert bundle.report.overall.mean_error < 1e-6  # lossless up to fp32 rounding
     # Modules an adapter lacks are exact zeros for it.
     assert float(bundle.delta_weight("model.layers.0.mlp.up_proj", "qv").abs().max()) == 0.0
     assert bundle.config.rank_for("model.layers.0.mlp.up_proj") == 2  # capped at the module's total rank

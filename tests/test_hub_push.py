@@ -226,7 +226,8 @@ def test_pushed_files_hold_no_local_paths(hub, bundle_folder, tmp_path, capsys):
     report["verification"] = {"base_model_check": {"status": "skipped", "base_model": f"{home}/base",
                                                    "reason": f"'{home}/base' is not a local folder"}}  # fmt: skip
     (folder / "jdlora_report.json").write_text(json.dumps(report))
-    card = bundle_card(load_bundle(folder).config, report, title="b")  # the card names the sources and the base model
+    bundle = load_bundle(folder)
+    card = bundle_card(bundle.config, bundle.report, title="b")  # the card names the sources and the base model
     assert f"{home}/loras/task_00" in card and f'from_pretrained("{home}/base")' in card
     (folder / "README.md").write_text(card)
 

@@ -94,7 +94,7 @@ def test_train_writes_the_bundle_with_the_adapter_appended(world, tmp_path, caps
     assert entry["source"] == TRAINED_SOURCE and entry["steps"] == 12
     assert entry["data_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     assert entry["file"] == str(data.resolve())
-    assert saved.report["training"]["rev"]["eval_loss_after"] == trained["eval_loss_after"]
+    assert saved.report.training["rev"]["eval_loss_after"] == trained["eval_loss_after"]
     assert "## Trained in the bundle's basis" in (out / "README.md").read_text()
     source, written = (
         load_file(world / "bundle1/adapter_model.safetensors"),

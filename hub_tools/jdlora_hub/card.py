@@ -8,9 +8,12 @@ Built with huggingface_hub's `ModelCard` / `ModelCardData`, so the YAML front ma
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from peft_jdlora.report import BundleReport
 
 PROJECT_URL = "https://github.com/huggingface/peft"
 PAPER = "Compress then Serve (Brüel-Gabrielsson et al., arXiv:2407.00066)"
@@ -55,24 +58,24 @@ def _format_bytes(n: Optional[float]) -> str:
     return f"{n:.1f} TB"
 
 
-def adapter_rows(config: Any, report: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+def adapter_rows(config: Any, report: Optional[BundleReport]) -> list[dict[str, Any]]:
     """One row per adapter: index, name, source, revision, cluster, errors (what `inspect` and the card show)."""
-    per_adapter = (report or {}).get("per_adapter", {})
+    per_adapter = report.per_adapter if report is not None else {}
     clusters = config.adapter_clusters or [0] * config.num_adapters
     sources = config.adapter_sources or [{} for _ in config.adapter_names]
     rows = []
     for i, name in enumerate(config.adapter_names):
         source = sources[i] if i < len(sources) else {}
-        entry = per_adapter.get(name, {})
+        entry = per_adapter.get(name)
         rows.append(
             {
                 "index": i,
                 "name": name,
                 "source": source.get("source"),
                 "revision": source.get("revision"),
-                "cluster": entry.get("cluster", clusters[i]),
-                "mean_error": entry.get("mean_error"),
-                "max_error": entry.get("max_error"),
+                "cluster": clusters[i] if entry is None or entry.cluster is None else entry.cluster,
+                "mean_error": entry.mean_error if entry is not None else None,
+                "max_error": entry.max_error if entry is not None else None,
                 "rank": source.get("r"),
             }
         )
@@ -90,12 +93,13 @@ def describe_svd_baseline(baseline: Optional[dict[str, Any]], floats: Optional[i
     )
 
 
-def bundle_summary(config: Any, report: Optional[dict[str, Any]]) -> dict[str, Any]:
+def bundle_summary(config: Any, report: Optional[BundleReport]) -> dict[str, Any]:
     """The bundle's facts as a flat dict (model card, `jdlora inspect`)."""
-    report = report or {}
-    overall = report.get("overall", {})
-    params = report.get("params", {})
-    size = report.get("bytes", {})
+    if report is None:
+        from peft_jdlora.report import BundleReport
+
+        report = BundleReport()
+    overall, size = report.overall, report.size
     targets = config.target_modules
     return {
         "base_model": config.base_model_name_or_path,
@@ -107,29 +111,29 @@ def bundle_summary(config: Any, report: Optional[dict[str, Any]]) -> dict[str, A
         "num_clusters": config.num_clusters,
         "target_modules": list(targets) if isinstance(targets, (list, tuple, set)) else targets,
         "format_version": config.format_version,
-        "method": report.get("method"),
-        "mean_error": overall.get("mean_error"),
-        "worst_adapter": overall.get("worst_adapter"),
-        "worst_error": overall.get("worst_error"),
-        "params_original": params.get("original"),
-        "params_bundle": params.get("bundle"),
-        "compression_ratio": params.get("ratio"),
-        "bytes_original": size.get("original"),
-        "bytes_bundle": size.get("bundle"),
-        "dtype": size.get("dtype"),
-        "seconds": report.get("seconds"),
-        "device": report.get("device"),
-        "verification": report.get("verification"),
-        "svd_baseline": report.get("svd_baseline"),
+        "method": report.method,
+        "mean_error": overall.mean_error,
+        "worst_adapter": overall.worst_adapter,
+        "worst_error": overall.worst_error,
+        "params_original": size.params_original,
+        "params_bundle": size.params_bundle,
+        "compression_ratio": size.ratio,
+        "bytes_original": size.bytes_original,
+        "bytes_bundle": size.bytes_bundle,
+        "dtype": size.dtype,
+        "seconds": report.seconds,
+        "device": report.device,
+        "verification": report.verification,
+        "svd_baseline": report.svd_baseline,
         "budget_plan": _plan_summary(report),
     }
 
 
-def _plan_summary(report: dict[str, Any]) -> Optional[dict[str, Any]]:
+def _plan_summary(report: BundleReport) -> Optional[dict[str, Any]]:
     """A budget plan in brief (None for fixed-rank bundles): what was asked, the modules by kind, and the uniform
     baselines within the budget."""
-    budget = report.get("budget")
-    if report.get("method") != "budget" or not budget:
+    budget = report.budget
+    if report.method != "budget" or not budget:
         return None
     return {
         "requested": describe_plan_request(budget),
@@ -155,7 +159,7 @@ def describe_plan_summary(plan: Optional[dict[str, Any]]) -> Optional[str]:
 
 
 def bundle_card(
-    config: Any, report: Optional[dict[str, Any]], *, repo_id: Optional[str] = None, title: Optional[str] = None
+    config: Any, report: Optional[BundleReport], *, repo_id: Optional[str] = None, title: Optional[str] = None
 ) -> str:
     """README.md of a bundle: front matter, what it is, how to load it and pick adapters, the adapter table, and the
     compression settings and size."""
@@ -299,11 +303,11 @@ def _same_floats(entry: Optional[dict[str, Any]]) -> str:
     return f"r{entry['rank']}: {'' if entry.get('exact', True) else '≤ '}{format_error(error)}"
 
 
-def plan_rows(report: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+def plan_rows(report: Optional[BundleReport]) -> list[dict[str, Any]]:
     """Per module of a budget plan (empty otherwise): the choice, the floats it stores, its error (mean over the
     adapters that have the module), and per-adapter SVD's and one shared basis's best error within the same floats."""
     rows = []
-    for module, entry in ((report or {}).get("plan") or {}).items():
+    for module, entry in ((report.plan if report is not None else None) or {}).items():
         rows.append(
             {
                 "module": module,
@@ -332,12 +336,12 @@ def describe_plan_request(budget: dict[str, Any]) -> str:
     return str(requested)
 
 
-def budget_plan_lines(report: Optional[dict[str, Any]]) -> list[str]:
+def budget_plan_lines(report: Optional[BundleReport]) -> list[str]:
     """The "Budget plan" section of a bundle made with a budget (the default of jdlora-convert, --budget,
     --target-error): what the planner chose per module, and what the uniform baselines reach within the same budget
     and, per module, within the same floats (so readers can see the gain)."""
-    budget = (report or {}).get("budget")
-    plan = (report or {}).get("plan")
+    budget = report.budget if report is not None else None
+    plan = report.plan if report is not None else None
     if not budget or not plan:
         return []
     lines = ["", "## Budget plan", ""]
@@ -347,10 +351,9 @@ def budget_plan_lines(report: Optional[dict[str, Any]]) -> list[str]:
         "Each module is stored the way that gives the lowest error for its floats: per-adapter SVD (a basis of its "
         "own per adapter), or shared bases (jd1: one for all adapters; jdC: C clusters)."
     )
-    overall = (report or {}).get("overall", {})
     baselines = budget.get("baselines_within_budget") or budget.get("baselines_same_floats") or {}
     lines += ["", "| plan | floats | mean error |", "|---|---|---|"]
-    lines.append(f"| this bundle | {budget['plan_floats']:,} | {format_error(overall.get('mean_error'))} |")
+    lines.append(f"| this bundle | {budget['plan_floats']:,} | {format_error(report.overall.mean_error)} |")
     for family in sorted(baselines, key=lambda f: (f not in _BASELINE_NAMES, f != "svd", f)):
         base = baselines[family]
         if base is None:
@@ -376,7 +379,7 @@ def budget_plan_lines(report: Optional[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def export_card(config: Any, report: Optional[dict[str, Any]], adapter: str, bundle_ref: str) -> str:
+def export_card(config: Any, report: Optional[BundleReport], adapter: str, bundle_ref: str) -> str:
     """README.md of one adapter exported from a bundle as a plain PEFT LoRA folder."""
     from huggingface_hub import ModelCard, ModelCardData
 

@@ -9,7 +9,6 @@ is, contains or lies inside an input folder is refused; `--in-place` replaces on
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -175,8 +174,9 @@ def _write_verified(
     """Write the bundle atomically after verifying it; the model card and report are written last, with the
     verification results. Returns the verification record."""
     from peft_jdlora.bundle import REPORT_NAME, atomic_output_dir, write_bundle_files
+    from peft_jdlora.report import BundleReport
 
-    bundle.report = bundle.report if bundle.report is not None else {}
+    bundle.report = bundle.report if bundle.report is not None else BundleReport()
     bundle.extra_files.pop(CARD_NAME, None)
     verification: dict[str, Any] = {"errors_checked": True, "reloaded": False}
     if output.in_place:
@@ -185,7 +185,7 @@ def _write_verified(
         destination = atomic_output_dir(output.out, overwrite=output.overwrite)
     try:
         with held_signals(start=False) as hold_signals, destination as tmp:
-            write_bundle_files(bundle, tmp)
+            write_bundle_files(bundle, tmp, with_report=False)  # the report goes last, once, with the verification
             check_reload(bundle, tmp)
             verification["reloaded"] = True
             if verify.base_check and originals:
@@ -207,10 +207,10 @@ def _write_verified(
                     )
             elif not verify.base_check:
                 verification["base_model_check"] = {"status": "skipped", "reason": "--no-base-check"}
-            bundle.report["verification"] = verification
+            bundle.report.verification = verification
             card = bundle_card(bundle.config, bundle.report, repo_id=output.push, title=title or output.out.name)
             bundle.extra_files[CARD_NAME] = card
-            (tmp / REPORT_NAME).write_text(json.dumps(bundle.report, indent=2, sort_keys=True, default=str) + "\n")
+            (tmp / REPORT_NAME).write_text(bundle.report.to_json())
             (tmp / CARD_NAME).write_text(card)
             hold_signals()  # from here until the finished files are in place, a signal waits (no half swap)
     except FileExistsError as err:
@@ -607,8 +607,9 @@ def _bundle_settings(bundle: Any) -> CompressionSettings:
     module), Σ type, method, and the number of clusters it ended with; for a budget plan, the same budget (or target
     error) and cluster counts, planned again for the new collection."""
     settings = settings_module().CompressionSettings
-    report = bundle.report or {}
-    plan = report.get("budget") if report.get("method") == "budget" else None
+    report = bundle.report
+    method = report.method if report is not None else None
+    plan = report.budget if method == "budget" else None
     if plan and plan.get("requested") is not None:
         counts = plan.get("cluster_counts")
         options: dict[str, Any] = {"budget": plan["requested"]}
@@ -617,10 +618,11 @@ def _bundle_settings(bundle: Any) -> CompressionSettings:
         if plan["requested"] == "auto":
             options.update(target_error=plan["target_error"], target_error_every=plan.get("target") == "every adapter")
         return settings(**options)
-    if report.get("method") == "svd":  # per-adapter SVD has one basis per adapter and a diagonal core by construction
-        return settings(rank=int(report.get("rank") or bundle.config.r), method="svd")
+    rank = int((report.rank if report is not None else None) or bundle.config.r)
+    if method == "svd":  # per-adapter SVD has one basis per adapter and a diagonal core by construction
+        return settings(rank=rank, method="svd")
     return settings(
-        rank=int(report.get("rank") or bundle.config.r),
+        rank=rank,
         method="jd",
         sigma=bundle.config.sigma_type,
         clusters=bundle.config.num_clusters,

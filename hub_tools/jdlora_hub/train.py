@@ -459,7 +459,7 @@ def train(
     }
     adapter.record_data(eval_loss_before=loss_before, eval_loss_after=loss_after)
     result_bundle = peft_jdlora.training.trained_bundle(model)
-    result_bundle.report["training"] = {**result_bundle.report.get("training", {}), name: record}
+    result_bundle.report.training[name] = record
     _write(result_bundle, adapter, output, log)
     log(f"wrote {output.out} ({name!r} appended, trained in the bundle's basis)")
     pushed = pipeline._push(output, log)
@@ -505,7 +505,7 @@ def _autocast(kind: Optional[str], device: Any) -> Callable[[], Any]:
 def _write(bundle: Any, adapter: Any, output: Any, log: Log) -> None:
     """Write the bundle as the other commands do: staged, verified by reading it back, swapped in with signals
     held; the report and card last."""
-    from peft_jdlora.bundle import REPORT_NAME, atomic_output_dir, write_bundle_files
+    from peft_jdlora.bundle import CARD_NAME, REPORT_NAME, atomic_output_dir, write_bundle_files
     from peft_jdlora.training import trained_card
 
     from .errors import OutputExistsError
@@ -518,11 +518,11 @@ def _write(bundle: Any, adapter: Any, output: Any, log: Log) -> None:
     )
     try:
         with held_signals(start=False) as hold_signals, destination as tmp:
-            write_bundle_files(bundle, tmp)
+            write_bundle_files(bundle, tmp, with_report=False)
             check_reload(bundle, tmp)
             card = trained_card(bundle, adapter, title=output.out.resolve().name)
-            (tmp / REPORT_NAME).write_text(json.dumps(bundle.report, indent=2, sort_keys=True, default=str) + "\n")
-            (tmp / "README.md").write_text(card)
+            (tmp / REPORT_NAME).write_text(bundle.report.to_json())
+            (tmp / CARD_NAME).write_text(card)
             hold_signals()
     except FileExistsError as err:
         raise OutputExistsError(str(err)) from None

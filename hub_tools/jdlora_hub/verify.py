@@ -17,11 +17,14 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .card import format_error
 from .errors import SourceError, VerificationError
 from .sources import HubClient, parse_source
+
+if TYPE_CHECKING:
+    from peft_jdlora.report import BundleReport
 
 NUM_TOKENS = 8
 _WEIGHT_PATTERNS = {"safetensors": ["*.json", "*.safetensors"], "bin": ["*.json", "*.bin"]}
@@ -35,18 +38,18 @@ def check_errors(bundle: Any, adapters: Sequence[Any], max_error: Optional[float
     """Make sure every adapter of `adapters` has a finite error in `bundle.report` (computing missing ones with
     `evaluate`), and that none exceeds `max_error`. Returns {name: mean error}."""
     from peft_jdlora.compression import evaluate
+    from peft_jdlora.report import BundleReport
 
-    report = bundle.report if bundle.report is not None else {}
-    per_adapter = report.setdefault("per_adapter", {})
-    missing = [a for a in adapters if not _finite(per_adapter.get(a.name, {}).get("mean_error"))]
+    if bundle.report is None:
+        bundle.report = BundleReport()
+    per_adapter = bundle.report.per_adapter
+    missing = [a for a in adapters if a.name not in per_adapter or not per_adapter[a.name].has_error]
     if missing:
-        computed = evaluate(bundle, missing)
-        per_adapter.update(computed.get("per_adapter", {}))
-        _refresh_overall(report, bundle.config.adapter_names)
-    bundle.report = report
+        per_adapter.update(evaluate(bundle, missing).per_adapter)
+        bundle.report.refresh_overall()
     errors = {}
     for adapter in adapters:
-        value = per_adapter.get(adapter.name, {}).get("mean_error")
+        value = per_adapter[adapter.name].mean_error if adapter.name in per_adapter else None
         if not _finite(value):
             raise VerificationError(f"the error of adapter {adapter.name!r} could not be computed (got {value!r}).")
         errors[adapter.name] = float(value)
@@ -59,20 +62,6 @@ def check_errors(bundle: Any, adapters: Sequence[Any], max_error: Optional[float
                 "--clusters, or allow a larger --max-error."
             )
     return errors
-
-
-def _refresh_overall(report: dict[str, Any], names: Sequence[str]) -> None:
-    """The report's overall numbers (mean of the adapters' mean errors, worst adapter), over the bundle's adapters."""
-    per = report.get("per_adapter", {})
-    values = {n: per[n]["mean_error"] for n in names if _finite(per.get(n, {}).get("mean_error"))}
-    if values:
-        worst = max(values, key=values.get)
-        report["overall"] = {
-            **report.get("overall", {}),
-            "mean_error": sum(values.values()) / len(values),
-            "worst_adapter": worst,
-            "worst_error": values[worst],
-        }
 
 
 def check_reload(bundle: Any, folder: Path) -> None:
@@ -210,10 +199,10 @@ def _forward(model: Any, input_ids: Any, **kwargs: Any) -> Any:
     return logits.float()
 
 
-def pick_adapters(names: Sequence[str], report: Optional[dict[str, Any]], k: int) -> list[str]:
+def pick_adapters(names: Sequence[str], report: Optional[BundleReport], k: int) -> list[str]:
     """Up to k adapters to check: the worst one first, then others spread over the bundle."""
     chosen: list[str] = []
-    worst = ((report or {}).get("overall") or {}).get("worst_adapter")
+    worst = report.overall.worst_adapter if report is not None else None
     if worst in names:
         chosen.append(worst)
     if k > 1 and names:

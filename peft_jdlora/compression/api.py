@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -13,8 +14,9 @@ import torch
 
 from ..bundle import Bundle, ModuleFactors
 from ..config import JDLoraConfig
+from ..report import BundleReport, OverallFidelity
 from .cluster import compact
-from .cost import per_adapter_params, stored_floats
+from .cost import stored_floats
 from .engine import (
     Engine,
     EngineResult,
@@ -25,15 +27,14 @@ from .engine import (
     dist_info,
 )
 from .metrics import (
+    adapter_reports,
+    compression_report,
     dtype_bytes,
     dtype_name,
     least_squares_sigma,
-    overall,
     own_basis_cores,
     sigma_for_storage,
-    size_report,
     stored_errors,
-    summarise,
 )
 from .settings import (
     DEFAULT_CLUSTER_COUNTS,
@@ -144,30 +145,17 @@ def compress(
         return _compress_budget(source, settings, placement, progress)
     engine = Engine(source, settings, placement, progress=progress)
     result = engine.run()
-    if result.modules is None:
+    if result.modules is None:  # a process other than rank 0 under torch.distributed
         return None
-    bundle = _build_bundle(source, result, settings, placement.storage_dtype)
-    bundle.report.update(
-        {
-            "seconds": result.seconds,
-            "device": str(placement.device),
-            "world_size": engine.world,
-            "compute_dtype": dtype_name(placement.compute_dtype),
-            "seed": settings.seed,
-            "tol": settings.tol,
-            "stall_tol": settings.stall_tol,
-            "max_iter": settings.max_iter,
-            "clusters_requested": settings.clusters,
-            "target_error": settings.target_error,
-        }
-    )
+    modules = {m: ModuleFactors(res.U, res.V, res.sigma) for m, res in result.modules.items()}
+    baseline = None
     if settings.method == "jd" and engine.world == 1:
         # Whether the same bytes as per-adapter SVD would do better (unrelated adapters): the hint to use a budget.
         batches = canonical_batches(
             source, placement.device, placement.compute_dtype, max_batch_bytes=settings.max_batch_bytes
         )
-        bundle.report["svd_baseline"] = svd_baseline(source, bundle.report["params"]["bundle"], batches)
-    return bundle
+        baseline = svd_baseline(source, stored_floats(modules.values()), batches)
+    return _build_bundle(source, result, modules, settings, placement, engine.world, baseline)
 
 
 def _compress_budget(
@@ -176,14 +164,7 @@ def _compress_budget(
     """`compress(..., budget=...)`: a budget plan (see `budget.compress_with_budget`)."""
     from .budget import compress_with_budget
 
-    bundle = compress_with_budget(source, settings, placement, progress=progress)
-    if bundle is None:  # a process other than rank 0 under torch.distributed
-        return None
-    world = dist_info()[1]
-    bundle.report.update(
-        {"device": str(placement.device), "world_size": world, "compute_dtype": dtype_name(placement.compute_dtype)}
-    )
-    return bundle
+    return compress_with_budget(source, settings, placement, progress=progress)
 
 
 def _factor_source(adapters: Union[Sequence[AdapterLike], FactorSource], check_base_model: bool) -> FactorSource:
@@ -197,11 +178,18 @@ def _json_safe(value: Any) -> Any:
 
 
 def _build_bundle(
-    source: FactorSource, result: EngineResult, settings: CompressionSettings, storage_dtype: torch.dtype
+    source: FactorSource,
+    result: EngineResult,
+    modules: dict[str, ModuleFactors],
+    settings: CompressionSettings,
+    placement: Placement,
+    world_size: int,
+    baseline: Optional[dict[str, Any]],
 ) -> Bundle:
-    method, sigma_type, rank = settings.method, settings.sigma, settings.rank
+    """The bundle of a fixed-shape run: its config (the most common rank as `r`, the others in `rank_pattern`) and
+    its report."""
+    method, sigma_type = settings.method, settings.sigma
     names = list(source.names)
-    modules = {m: ModuleFactors(res.U, res.V, res.sigma) for m, res in result.modules.items()}
     ranks = {m: f.U.shape[-1] for m, f in modules.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     config = JDLoraConfig(
@@ -218,16 +206,11 @@ def _build_bundle(
         fan_in_fan_out=source.fan_in_fan_out,
         inference_mode=True,
     )
-    errors = {name: {} for name in names}
+    errors: dict[str, dict[str, float]] = {name: {} for name in names}
     for module, res in result.modules.items():
         for i, e in enumerate(res.errors.tolist()):
             if e == e:  # not NaN: the adapter has the module
                 errors[names[i]][module] = e
-    summary = summarise(errors, {n: result.assignment[i] for i, n in enumerate(names)})
-    for name, params in zip(names, per_adapter_params(source.shapes(), source.ranks())):
-        summary["per_adapter"][name]["params"] = params
-    original_params, original_bytes = source.original_size()
-    bundle_params = stored_floats(modules.values())
     full_iters = [res.stats.get("jd_full", 0) for res in result.modules.values()]
     iterations: dict[str, Any] = {"cluster_passes": result.cluster_passes}
     if method == "jd":
@@ -240,18 +223,24 @@ def _build_bundle(
     if method == "jd" and sigma_type == "diag":
         diag_iters = [res.stats.get("jd_diag", 0) for res in result.modules.values()]
         iterations["jd_diag"] = {"max": max(diag_iters, default=0), "mean": sum(diag_iters) / max(len(diag_iters), 1)}
-    report = {
-        "method": "svd" if method == "svd" else f"jd-{sigma_type}",
-        "rank": rank,
-        "sigma_type": sigma_type,
-        "num_clusters": result.num_clusters,
-        "num_adapters": len(names),
-        "num_modules": len(modules),
-        "iterations": iterations,
-        "cluster_search": result.cluster_search,
-        **summary,
-        **size_report(original_params, original_bytes, bundle_params, storage_dtype),
-    }
+    report = compression_report(
+        source,
+        modules,
+        errors,
+        result.assignment,
+        settings,
+        placement,
+        method="svd" if method == "svd" else f"jd-{sigma_type}",
+        rank=settings.rank,
+        sigma_type=sigma_type,
+        num_clusters=result.num_clusters,
+        seconds=result.seconds,
+        world_size=world_size,
+        clusters_requested=settings.clusters,
+        iterations=iterations,
+        cluster_search=result.cluster_search,
+        svd_baseline=baseline,
+    )
     return Bundle(config=config, modules=modules, report=report)
 
 
@@ -288,8 +277,8 @@ def _check_against_bundle(bundle: Bundle, adapters: Sequence[LoraAdapter], check
 
 def is_svd_bundle(bundle: Bundle) -> bool:
     """True for a per-adapter SVD bundle (a singleton cluster per adapter), where a new adapter gets its own cluster."""
-    if bundle.report and "method" in bundle.report:
-        return bundle.report["method"] == "svd"
+    if bundle.report is not None and bundle.report.method is not None:
+        return bundle.report.method == "svd"
     config = bundle.config
     clusters = config.adapter_clusters or [0] * config.num_adapters
     return config.num_adapters > 1 and config.sigma_type == "diag" and sorted(clusters) == list(range(len(clusters)))
@@ -313,10 +302,6 @@ def _own_cluster_modules(bundle: Bundle) -> set[str]:
 def _bases(factors: ModuleFactors, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """U [C, d_out, r], V [C, d_in, r] (columns) of a module, in the compute dtype."""
     return factors.U.to(device=device, dtype=dtype), factors.V.to(device=device, dtype=dtype).mT
-
-
-def _original_params(per_adapter: dict[str, Any]) -> int:
-    return sum(int(entry.get("params", 0)) for entry in per_adapter.values())
 
 
 # ------------------------------------------------------------------------------------------------ project
@@ -444,21 +429,14 @@ def project(
         cluster_pattern=cluster_pattern,
         adapter_sources=(list(config.adapter_sources) or [{} for _ in range(n_old)]) + _json_safe(source.sources),
     )
-    summary = summarise(errors, {a.name: int(first[i]) for i, a in enumerate(new)})
+    entries = adapter_reports(errors, {a.name: int(first[i]) for i, a in enumerate(new)})
     for a in new:
-        summary["per_adapter"][a.name]["params"] = a.num_params
-        summary["per_adapter"][a.name]["projected"] = True
-    report = dict(bundle.report or {})
-    per_adapter = {**report.get("per_adapter", {}), **summary["per_adapter"]}
-    report.update(
-        per_adapter=per_adapter,
-        overall=overall(per_adapter),
-        num_clusters=num_clusters,
-        num_adapters=len(per_adapter),
-        projected=[*report.get("projected", []), *source.names],
-    )
+        entries[a.name].params, entries[a.name].projected = a.num_params, True
+    report = copy.deepcopy(bundle.report) if bundle.report is not None else BundleReport()
+    report.add_adapters(entries, num_adapters=new_config.num_adapters, num_clusters=num_clusters)
+    report.projected = [*report.projected, *source.names]
     new_bundle = Bundle(config=new_config, modules=modules_out, report=report, extra_files=dict(bundle.extra_files))
-    _refresh_sizes(new_bundle, original_extra=sum(a.num_params * dtype_bytes(a.dtype) for a in new))
+    _refresh_size(new_bundle, original_added=sum(a.num_params * dtype_bytes(a.dtype) for a in new))
     return new_bundle
 
 
@@ -470,18 +448,16 @@ def _replace_config(config: JDLoraConfig, **changes: Any) -> JDLoraConfig:
     return JDLoraConfig(**{k: v for k, v in data.items() if k in known})
 
 
-def _refresh_sizes(bundle: Bundle, original_extra: int = 0, original_removed: int = 0) -> None:
-    """Recompute the report's parameter and byte counts after adapters were added or removed."""
-    report = bundle.report
+def _refresh_size(bundle: Bundle, original_added: int = 0, original_removed: int = 0) -> None:
+    """The report's sizes after adapters were added or removed (bytes of their source LoRAs)."""
     storage = next(iter(bundle.modules.values())).sigma.dtype
-    bundle_params = stored_floats(bundle.modules.values())
-    original_params = _original_params(report.get("per_adapter", {}))
-    old_bytes = report.get("bytes", {}).get("original")
-    if old_bytes is None:
-        original_bytes = original_params * dtype_bytes(storage)
-    else:
-        original_bytes = old_bytes + original_extra - original_removed
-    report.update(size_report(original_params, original_bytes, bundle_params, storage))
+    bundle.report.refresh_size(
+        stored_floats(bundle.modules.values()),
+        dtype_bytes(storage),
+        dtype_name(storage),
+        original_added=original_added,
+        original_removed=original_removed,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ remove
@@ -538,28 +514,17 @@ def remove(bundle: Bundle, names: Sequence[str]) -> Bundle:
     )
     if bundle.report is None:
         return Bundle(config=new_config, modules=modules, report=None, extra_files=dict(bundle.extra_files))
-    report = dict(bundle.report)
-    old = report.get("per_adapter", {})
+    report = copy.deepcopy(bundle.report)
     removed_bytes = 0
-    if "bytes" in report and report.get("params", {}).get("original"):
-        per_param = report["bytes"]["original"] / report["params"]["original"]
-        removed_bytes = round(sum(int(old[n].get("params", 0)) for n in drop if n in old) * per_param)
-    per_adapter = {}
-    for k, i in enumerate(keep):
-        name = config.adapter_names[i]
-        if name in old:
-            per_adapter[name] = {**old[name], "cluster": adapter_clusters[k]}
-    report.update(
-        per_adapter=per_adapter,
-        overall=overall(per_adapter),
-        num_clusters=len(used_default),
-        num_adapters=len(keep),
-        removed=[*report.get("removed", []), *names],
-    )
-    if "projected" in report:
-        report["projected"] = [n for n in report["projected"] if n not in drop]
+    size = report.size
+    if size.bytes_original is not None and size.params_original:
+        per_param = size.bytes_original / size.params_original
+        removed = [report.per_adapter[n] for n in drop if n in report.per_adapter]
+        removed_bytes = round(sum(int(entry.params or 0) for entry in removed) * per_param)
+    kept_clusters = {config.adapter_names[i]: adapter_clusters[k] for k, i in enumerate(keep)}
+    report.drop_adapters(list(names), kept_clusters, num_clusters=len(used_default))
     new_bundle = Bundle(config=new_config, modules=modules, report=report, extra_files=dict(bundle.extra_files))
-    _refresh_sizes(new_bundle, original_removed=removed_bytes)
+    _refresh_size(new_bundle, original_removed=removed_bytes)
     return new_bundle
 
 
@@ -572,10 +537,10 @@ def evaluate(
     *,
     progress: bool = False,
     device: Union[str, torch.device, None] = None,
-) -> dict[str, Any]:
-    """Fidelity of the bundle for these adapters (matched by name): {"per_adapter": {name: {"mean_error",
-    "max_error", "cluster", "modules"}}, "overall": {...}}, with the paper's squared relative error per module,
-    computed from factors in float64. A module the adapter has and the bundle lacks counts as error 1."""
+) -> BundleReport:
+    """Fidelity of the bundle for these adapters (matched by name): a report with `per_adapter` (mean and max error,
+    cluster, {module: error}) and `overall`, the paper's squared relative error per module computed from factors in
+    float64. A module the adapter has and the bundle lacks counts as error 1."""
     adapters = as_adapters(adapters)
     config = bundle.config
     slots = [config.resolve_adapter(a.name) for a in adapters]
@@ -603,7 +568,8 @@ def evaluate(
                     if module in adapters[i].modules:
                         errors[adapters[i].name][module] = float(err[k])
     default = config.adapter_clusters or [0] * config.num_adapters
-    return summarise(errors, {a.name: int(default[s]) for a, s in zip(adapters, slots)})
+    per_adapter = adapter_reports(errors, {a.name: int(default[s]) for a, s in zip(adapters, slots)})
+    return BundleReport(per_adapter=per_adapter, overall=OverallFidelity.of(per_adapter))
 
 
 __all__ = ["compress", "dist_info", "evaluate", "is_svd_bundle", "project", "remove"]

@@ -39,10 +39,10 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from ..bundle import Bundle, ModuleFactors
-from .cost import budget_to_floats, module_floats, per_adapter_params, stored_floats, uniform_floats
+from .cost import budget_to_floats, module_floats, uniform_floats
 from .curves import CurveFitter, Family
-from .engine import Engine, FactorSource, ModuleSubset, Placement, gather_to_rank0
-from .metrics import dtype_bytes, dtype_name, size_report, summarise
+from .engine import Engine, FactorSource, ModuleSubset, Placement, dist_info, gather_to_rank0
+from .metrics import compression_report, dtype_bytes, dtype_name
 from .plan_io import budget_report, plan_config, plan_report
 from .planner import ModuleCurves, optimise, plan_for_target
 from .settings import DEFAULT_CLUSTER_COUNTS, DEFAULT_CLUSTER_SAMPLE, CompressionSettings, CompressionSettingsError
@@ -144,7 +144,7 @@ def compress_with_budget(
     names = list(source.names)
     N = len(names)
     shapes, ranks = source.shapes(), source.ranks()
-    original_params, original_bytes = source.original_size()
+    _, original_bytes = source.original_size()
     itemsize = dtype_bytes(storage_dtype)
     budget_floats = None if auto else budget_to_floats(budget, original_bytes, storage_dtype, shapes, ranks)
     max_lora_rank = max(max(r) for r in ranks.values())
@@ -219,44 +219,39 @@ def compress_with_budget(
     modules = dict(sorted(modules.items()))
 
     config = plan_config(plan, assignments, source, list(modules))
-    summary = summarise(errors, {n: int(config.adapter_clusters[i]) for i, n in enumerate(names)})
-    for name, params in zip(names, per_adapter_params(shapes, ranks)):
-        summary["per_adapter"][name]["params"] = params
-    floats = stored_floats(modules.values())
-    report = {
-        "method": "budget",
-        "rank": config.r,
-        "sigma_type": config.sigma_type,
-        "num_clusters": max(o.num_clusters for o in plan.values()),
-        "num_adapters": N,
-        "num_modules": len(modules),
-        "budget": budget_report(
-            curves,
-            plan,
-            requested=budget,
-            budget_floats=budget_floats,
-            target_error=target_error,
-            every=every,
-            itemsize=itemsize,
-            assignments=assignments,
-            module_counts=module_counts,
-            fit_rank=fit_rank,
-            cluster_counts=settings.cluster_counts,
-            pruned=pruned,
-            sample=len(sample),
-        ),
-        "plan": plan_report(curves, plan, errors, module_counts, refine_iterations),
-        **summary,
-        **size_report(original_params, original_bytes, floats, storage_dtype),
-        "seconds": time.perf_counter() - start,
-        "timings": timings,
-        "max_share": max_share,
-        "seed": settings.seed,
-        "tol": settings.tol,
-        "stall_tol": settings.stall_tol,
-        "max_iter": settings.max_iter,
-        "target_error": target_error,
-    }
+    budget_section = budget_report(
+        curves,
+        plan,
+        requested=budget,
+        budget_floats=budget_floats,
+        target_error=target_error,
+        every=every,
+        itemsize=itemsize,
+        assignments=assignments,
+        module_counts=module_counts,
+        fit_rank=fit_rank,
+        cluster_counts=settings.cluster_counts,
+        pruned=pruned,
+        sample=len(sample),
+    )
+    report = compression_report(
+        source,
+        modules,
+        errors,
+        config.adapter_clusters,
+        settings,
+        placement,
+        method="budget",
+        rank=config.r,
+        sigma_type=config.sigma_type,
+        num_clusters=max(o.num_clusters for o in plan.values()),
+        seconds=time.perf_counter() - start,
+        world_size=dist_info()[1],
+        budget=budget_section,
+        plan=plan_report(curves, plan, errors, module_counts, refine_iterations),
+        timings=timings,
+        max_share=max_share,
+    )
     return Bundle(config=config, modules=modules, report=report)
 
 

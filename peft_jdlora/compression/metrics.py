@@ -11,14 +11,19 @@ core: the same formula fits a bundle's adapters and projects a new adapter into 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from typing import Any, Optional
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from ..report import AdapterReport, BundleReport, BundleSize, OverallFidelity
+from .cost import per_adapter_params, stored_floats
 from .joint import core_products, diagonal_cores, full_cores
 from .svd import CanonicalBatch
+
+if TYPE_CHECKING:
+    from .engine import FactorSource, Placement
+    from .settings import CompressionSettings
 
 
 def least_squares_sigma(
@@ -99,38 +104,6 @@ def own_basis_cores(
 # ------------------------------------------------------------------------------------------------ report
 
 
-def summarise(
-    errors: Mapping[str, Mapping[str, float]], clusters: Optional[Mapping[str, int]] = None
-) -> dict[str, Any]:
-    """Per-adapter and overall summary from {adapter: {module: error}} (modules an adapter lacks are not listed).
-
-    Returns {"per_adapter": {name: {"mean_error", "max_error", "cluster", "modules"}}, "overall": {"mean_error",
-    "worst_adapter", "worst_error", "max_module_error"}}; "worst" is the adapter with the largest mean error.
-    """
-    per_adapter: dict[str, Any] = {}
-    for name, modules in errors.items():
-        values = list(modules.values())
-        per_adapter[name] = {
-            "mean_error": float(sum(values) / len(values)) if values else 0.0,
-            "max_error": float(max(values)) if values else 0.0,
-            "cluster": int(clusters[name]) if clusters is not None else 0,
-            "modules": {m: float(e) for m, e in sorted(modules.items())},
-        }
-    return {"per_adapter": per_adapter, "overall": overall(per_adapter)}
-
-
-def overall(per_adapter: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    if not per_adapter:
-        return {"mean_error": 0.0, "worst_adapter": None, "worst_error": 0.0, "max_module_error": 0.0}
-    worst = max(per_adapter, key=lambda n: per_adapter[n]["mean_error"])
-    return {
-        "mean_error": float(sum(a["mean_error"] for a in per_adapter.values()) / len(per_adapter)),
-        "worst_adapter": worst,
-        "worst_error": float(per_adapter[worst]["mean_error"]),
-        "max_module_error": float(max(a["max_error"] for a in per_adapter.values())),
-    }
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -139,20 +112,66 @@ def dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def size_report(
-    original_params: int, original_bytes: int, bundle_params: int, storage_dtype: torch.dtype
-) -> dict[str, dict[str, Any]]:
-    """{"params": {"original", "bundle", "ratio"}, "bytes": {"original", "bundle", "dtype"}}; ratio = original /
-    bundle (the compression factor: above 1 means the bundle is smaller)."""
+def adapter_reports(
+    errors: Mapping[str, Mapping[str, float]],
+    clusters: Mapping[str, int],
+    params: Optional[Mapping[str, int]] = None,
+) -> dict[str, AdapterReport]:
+    """{adapter: its report} from {adapter: {module: error}} (the modules it has), its cluster and its source
+    parameters."""
     return {
-        "params": {
-            "original": int(original_params),
-            "bundle": int(bundle_params),
-            "ratio": float(original_params / bundle_params) if bundle_params else math.inf,
-        },
-        "bytes": {
-            "original": int(original_bytes),
-            "bundle": int(bundle_params * dtype_bytes(storage_dtype)),
-            "dtype": dtype_name(storage_dtype),
-        },
+        name: AdapterReport.of_errors(modules, clusters[name], None if params is None else int(params[name]))
+        for name, modules in errors.items()
     }
+
+
+def compression_report(
+    source: FactorSource,
+    modules: Mapping[str, Any],
+    errors: Mapping[str, Mapping[str, float]],
+    clusters: Sequence[int],
+    settings: CompressionSettings,
+    placement: Placement,
+    *,
+    method: str,
+    rank: int,
+    sigma_type: str,
+    num_clusters: int,
+    seconds: float,
+    world_size: int,
+    **sections: Any,
+) -> BundleReport:
+    """The report of a compression, fixed shape or budget plan alike (the one place it is assembled): per adapter
+    its errors (`errors`: {adapter: {module: error}} of the stored factors), cluster (`clusters`: the default
+    assignment) and source parameters; the overall numbers; the sizes of the source and of `modules` (the bundle's
+    factors, in the storage dtype); the settings and the run; and the method's `sections` (`BundleReport` fields:
+    iterations, cluster_search, svd_baseline, clusters_requested; budget, plan, timings, max_share)."""
+    names = list(source.names)
+    params = dict(zip(names, per_adapter_params(source.shapes(), source.ranks())))
+    per_adapter = adapter_reports(errors, {n: int(clusters[i]) for i, n in enumerate(names)}, params)
+    original_params, original_bytes = source.original_size()
+    storage = placement.storage_dtype
+    report = BundleReport(
+        method=method,
+        rank=rank,
+        sigma_type=sigma_type,
+        num_clusters=num_clusters,
+        num_adapters=len(names),
+        num_modules=len(modules),
+        per_adapter=per_adapter,
+        overall=OverallFidelity.of(per_adapter),
+        size=BundleSize.of(
+            original_params, original_bytes, stored_floats(modules.values()), dtype_bytes(storage), dtype_name(storage)
+        ),
+        seconds=seconds,
+        device=str(placement.device),
+        world_size=world_size,
+        compute_dtype=dtype_name(placement.compute_dtype),
+        seed=settings.seed,
+        tol=settings.tol,
+        stall_tol=settings.stall_tol,
+        max_iter=settings.max_iter,
+        target_error=settings.target_error,
+        **sections,
+    )
+    return report
