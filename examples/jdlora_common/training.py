@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from jdlora_hub.train import collate  # the right-padded batches `jdlora train` trains on
 
 from .files import replace_dir_atomic, write_json_atomic
 from .tasks import END_OF_TURN, Task, chat_prompt, task_splits
@@ -59,20 +60,6 @@ def tokenize_examples(tokenizer: Any, instruction: str, rows: Any, seq_len: int)
             out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
             kept.append(i)
     return out, kept
-
-
-def collate(rows: Sequence[dict], pad_id: int, device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
-    """Right-padded batch; padding is masked out of attention and loss."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
 @torch.no_grad()

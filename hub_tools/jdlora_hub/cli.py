@@ -350,25 +350,15 @@ def _compression(args: argparse.Namespace) -> Any:
     """The compression settings of the options (`CompressionSettings`, checked without importing torch): for
     `convert`, over the default plan (`CONVERT_DEFAULT`); for `add --refit`, the options given, which the refit lays
     over the bundle's own settings."""
-    from .settings import option_spelling, settings_module
+    from .settings import OPTION_NAMES, option_spelling, settings_module
 
     settings = settings_module()
     base = settings.CONVERT_DEFAULT if args.command == "convert" else settings.CompressionSettings()
+    # {setting: the option's value}; None, or a flag that is off, is an option not given (0 is a value).
+    values = {setting: getattr(args, option[2:].replace("-", "_")) for setting, option in OPTION_NAMES.items()}
+    given = {setting: None if value is False else value for setting, value in values.items()}
     try:
-        return base.with_options(
-            rank=args.rank,
-            sigma=args.sigma,
-            clusters=args.clusters,
-            method=args.method,
-            target_error=args.target_error,
-            budget=args.budget,
-            target_error_every=args.every_adapter or None,
-            max_iter=args.max_iter,
-            tol=args.tol,
-            seed=args.seed,
-            device=args.device,
-            dtype=args.dtype,
-        )
+        return base.with_options(**given)
     except settings.CompressionSettingsError as err:
         raise UsageError(err.render(option_spelling)) from None
 

@@ -15,6 +15,7 @@ bundle folder itself. A NaN or infinite loss stops training with exit code 7 and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -141,23 +142,8 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     init = args.init
     if not (init in ("zeros", "mean") or (init.startswith("project:") and len(init) > len("project:"))):
         raise UsageError(f"--init must be zeros, mean or project:LORA_FOLDER, got {init!r}.")
-    return TrainOptions(
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        warmup=args.warmup,
-        weight_decay=args.weight_decay,
-        eval_fraction=0.0 if args.eval_data is not None else args.eval_fraction,
-        eval_data=args.eval_data,
-        init=init,
-        cluster=args.cluster,
-        seed=args.seed,
-        device=args.device,
-        autocast=args.autocast,
-        gradient_checkpointing=args.gradient_checkpointing,
-        base_model=args.base_model,
-    )
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)}  # the options' own names
+    return TrainOptions(**{**options, "eval_fraction": 0.0 if args.eval_data is not None else args.eval_fraction})
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -240,8 +226,9 @@ def split_examples(
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
-def collate(rows: Sequence[dict], pad_id: int, device: Any) -> dict[str, Any]:
-    """Right-padded batch; padding is masked out of attention and loss."""
+def collate(rows: Sequence[dict], pad_id: int, device: Any = "cpu") -> dict[str, Any]:
+    """Right-padded batch of {"input_ids", "labels"} rows (the examples and benchmarks use it too); padding is masked
+    out of attention and loss."""
     import torch
 
     width = max(len(r["input_ids"]) for r in rows)

@@ -559,8 +559,8 @@ class Engine:
         """Compress (see `compress`). With `assignments_only` (clusters = k > 1), stop once the clusters are chosen:
         the result has no modules, only the assignments (the budget planner uses them)."""
         start = time.perf_counter()
-        clusters, target_error = self.settings.clusters, self.settings.target_error
-        max_cluster_iter, max_clusters = self.settings.max_cluster_iter, self.settings.max_clusters
+        settings = self.settings
+        clusters, target_error, max_clusters = settings.clusters, settings.target_error, settings.max_clusters
         N = len(self.names)
         if self.method == "svd":
             modules = self.svd_pass()
@@ -584,24 +584,22 @@ class Engine:
                 search.append({"num_clusters": len(keep), "mean_error": mean})
                 if mean <= target_error or num_clusters >= limit:
                     break
-                errors, assignment, added = self._add_clusters(errors, assignment, num_clusters, 1, generator)
-                if not added:
+                grown = self._add_cluster(errors, assignment, num_clusters, generator)
+                if grown is None:
                     break
-                num_clusters += added
-                errors, assignment, n = self._alternate(errors, assignment, num_clusters, max_cluster_iter)
-                passes += n
+                errors, assignment, n = grown
+                num_clusters, passes = num_clusters + 1, passes + n
                 keep_assignment, keep = compact(assignment, num_clusters)
                 modules, totals = self.finalize_pass(keep_assignment, keep)
         elif clusters > 1:
             # One cluster at a time, alternating to convergence in between (as "auto" does): on the benchmark's real
             # collection this cut the error of seeding all clusters first by 40% (0.034 vs 0.057, 4 clusters, rank 32).
             while num_clusters < min(clusters, N):
-                errors, assignment, added = self._add_clusters(errors, assignment, num_clusters, 1, generator)
-                if not added:
+                grown = self._add_cluster(errors, assignment, num_clusters, generator)
+                if grown is None:
                     break
-                num_clusters += added
-                errors, assignment, n = self._alternate(errors, assignment, num_clusters, max_cluster_iter)
-                passes += n
+                errors, assignment, n = grown
+                num_clusters, passes = num_clusters + 1, passes + n
                 by_count[num_clusters] = compact(assignment, num_clusters)[0].tolist()
             keep_assignment, keep = compact(assignment, num_clusters)
             if assignments_only:
@@ -625,33 +623,32 @@ class Engine:
             assignments_by_count=by_count,
         )
 
-    def _add_clusters(
-        self, errors: torch.Tensor, assignment: torch.Tensor, num_clusters: int, count: int, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Seed `count` clusters one by one (k-means++ draw, `seed_pass`), grow each (see below), reassign."""
-        added = 0
-        for _ in range(count):
-            current = errors.gather(1, assignment.view(-1, 1)).squeeze(1)
-            # Errors at rounding level are exact fits: they must not seed clusters.
-            floor = (1e-12 if self.compute_dtype == torch.float64 else 1e-6) * self._module_counts
-            pick = kmeanspp_pick(torch.where(current > floor, current, 0.0), generator)
-            if pick is None:  # every adapter is already exact: more clusters cannot help
-                break
-            parent, new = int(assignment[pick]), errors.shape[1]
-            column = self.seed_pass(pick, parent)
-            # Grow: one adapter's directions rarely pull its neighbours away from a basis fitted to many. Refit the
-            # new basis on the half of the parent's members that lose least by moving to the seed's basis (adapters
-            # sharing its subspace), then let every adapter choose. Only the new basis changes, so L cannot increase.
-            members = (assignment == parent).nonzero().squeeze(1)
-            loss = column[members] - current[members]
-            grow = members[torch.argsort(loss, stable=True)[: max(1, (members.numel() + 1) // 2)]]
-            trial = assignment.clone()
-            trial[grow] = new
-            trial[pick] = new
-            errors, _, _ = self.fit_pass(trial, new + 1, fresh=False, only=new)
-            assignment = reassign(errors, assignment)
-            added += 1
-        return errors, assignment, added
+    def _add_cluster(
+        self, errors: torch.Tensor, assignment: torch.Tensor, num_clusters: int, generator: torch.Generator
+    ) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Seed one more cluster (k-means++ draw, `seed_pass`), grow it (see below), reassign, then alternate fits and
+        reassignments to convergence. Returns (errors, assignment, passes), or None when every adapter is already
+        exact (more clusters cannot help)."""
+        current = errors.gather(1, assignment.view(-1, 1)).squeeze(1)
+        # Errors at rounding level are exact fits: they must not seed clusters.
+        floor = (1e-12 if self.compute_dtype == torch.float64 else 1e-6) * self._module_counts
+        pick = kmeanspp_pick(torch.where(current > floor, current, 0.0), generator)
+        if pick is None:
+            return None
+        parent, new = int(assignment[pick]), errors.shape[1]
+        column = self.seed_pass(pick, parent)
+        # Grow: one adapter's directions rarely pull its neighbours away from a basis fitted to many. Refit the
+        # new basis on the half of the parent's members that lose least by moving to the seed's basis (adapters
+        # sharing its subspace), then let every adapter choose. Only the new basis changes, so L cannot increase.
+        members = (assignment == parent).nonzero().squeeze(1)
+        loss = column[members] - current[members]
+        grow = members[torch.argsort(loss, stable=True)[: max(1, (members.numel() + 1) // 2)]]
+        trial = assignment.clone()
+        trial[grow] = new
+        trial[pick] = new
+        errors, _, _ = self.fit_pass(trial, new + 1, fresh=False, only=new)
+        assignment = reassign(errors, assignment)
+        return self._alternate(errors, assignment, num_clusters + 1, self.settings.max_cluster_iter)
 
     def _alternate(
         self, errors: torch.Tensor, assignment: torch.Tensor, num_clusters: int, max_passes: int

@@ -38,6 +38,18 @@ _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # LoRA variants (fields PEFT marks `is_lora_variant`) whose forward is plain `x + s·B·A·x`: accepted.
 _FORWARD_IDENTICAL_VARIANTS = frozenset({"velora_config"})
+# Config fields whose (true) value means the adapter is not `x + s·B·A·x` on Linear layers, and why ({value}: the
+# field's value).
+_REFUSED_FIELDS = {
+    "use_qalora": "QALoRA adapters (use_qalora=true) pool the input; cannot be represented.",
+    "lora_bias": "the adapter trains a bias on lora_B (lora_bias=true); a JD-LoRA bundle holds no biases.",
+    "modules_to_save": "the adapter fully trains modules_to_save={value!r}; a JD-LoRA bundle holds only low-rank "
+    "updates. Remove them (or serve them separately) before compressing.",
+    "trainable_token_indices": "the adapter trains embedding tokens (trainable_token_indices); cannot be represented.",
+    "target_parameters": "the adapter targets parameters ({value!r}), not Linear modules; only Linear / Conv1D targets "
+    "can be compressed.",
+    "layer_replication": "the adapter replicates base layers (layer_replication); cannot be represented.",
+}
 _KNOWN_VARIANTS = (
     "use_dora",
     "alora_invocation_tokens",
@@ -203,30 +215,9 @@ def _check_config(config: Mapping[str, Any], where: str) -> None:
                 f"{where}: the adapter uses the LoRA variant {name}={config[name]!r}, whose forward is not "
                 "x + s·B·A·x; it cannot be represented in a JD-LoRA bundle."
             )
-    if config.get("use_qalora"):
-        raise AdapterReadError(f"{where}: QALoRA adapters (use_qalora=true) pool the input; cannot be represented.")
-    if config.get("lora_bias"):
-        raise AdapterReadError(
-            f"{where}: the adapter trains a bias on lora_B (lora_bias=true); a JD-LoRA bundle holds no biases."
-        )
-    if config.get("modules_to_save"):
-        raise AdapterReadError(
-            f"{where}: the adapter fully trains modules_to_save={config['modules_to_save']!r}; a JD-LoRA bundle holds "
-            "only low-rank updates. Remove them (or serve them separately) before compressing."
-        )
-    if config.get("trainable_token_indices"):
-        raise AdapterReadError(
-            f"{where}: the adapter trains embedding tokens (trainable_token_indices); cannot be represented."
-        )
-    if config.get("target_parameters"):
-        raise AdapterReadError(
-            f"{where}: the adapter targets parameters ({config['target_parameters']!r}), not Linear modules; "
-            "only Linear / Conv1D targets can be compressed."
-        )
-    if config.get("layer_replication"):
-        raise AdapterReadError(
-            f"{where}: the adapter replicates base layers (layer_replication); cannot be represented."
-        )
+    for name, reason in _REFUSED_FIELDS.items():
+        if config.get(name):
+            raise AdapterReadError(f"{where}: " + reason.format(value=config[name]))
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
         raise AdapterReadError(
