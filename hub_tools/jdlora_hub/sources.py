@@ -340,6 +340,8 @@ def _read_local_config(folder: Path, what: str) -> dict[str, Any]:
 
 
 def _parse_config(config_file: Path, what: str) -> dict[str, Any]:
+    # peft_jdlora.bundle.read_json_object does this for bundles and source LoRAs; sources are screened before the
+    # command imports torch (which importing peft_jdlora does), hence this copy, as with output.py's file names.
     try:
         data = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
