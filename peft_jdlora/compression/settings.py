@@ -325,12 +325,6 @@ class CompressionSettings:
             self, **plan, budget=None, target_error=None, rank=rank, sigma=sigma, clusters=clusters, method="jd"
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON values (for reports)."""
-        out = {f.name: getattr(self, f.name) for f in _setting_fields()}
-        out["cluster_counts"] = list(self.cluster_counts)
-        return out
-
 
 def _setting_fields() -> tuple[dataclasses.Field, ...]:
     return tuple(f for f in dataclasses.fields(CompressionSettings) if f.name != "options_given")
