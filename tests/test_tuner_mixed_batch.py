@@ -63,6 +63,26 @@ def test_llama_mixed_batch_equals_single_runs_and_peft_lora(tmp_path, sigma_type
             assert (mixed[row] - base_logits[row]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_clusters", [1, 3])
+def test_mixed_batch_under_autocast_is_as_close_as_peft_lora(tmp_path, dtype, num_clusters):
+    """Under torch.autocast the base layer's output and the shrink come out in the autocast dtype while U stays float32
+    (in-place ops are not cast): the in-place add must still run, as close to float32 as PEFT's LoRA gets."""
+    bundle = random_bundle(tiny_llama(), num_adapters=4, r=5, num_clusters=num_clusters)
+    model = load_jd(tiny_llama, bundle, tmp_path)
+    lora = load_peft_lora(tiny_llama, bundle, tmp_path)
+    input_ids = token_ids(len(IDS), 9)
+    names = peft_names(bundle, SLOTS)
+    with torch.no_grad():
+        exact = lora(input_ids=input_ids, adapter_names=names).logits
+        with torch.autocast("cpu", dtype=dtype):
+            mixed = model(input_ids=input_ids, adapter_ids=IDS).logits.float()
+            lora_autocast = lora(input_ids=input_ids, adapter_names=names).logits.float()
+    peft_error = (lora_autocast - exact).abs().max().item()
+    assert peft_error > 0  # autocast really ran in low precision
+    assert (mixed - exact).abs().max().item() <= 4 * peft_error
+
+
 def test_gather_path_for_many_clusters_matches_peft_lora(tmp_path, monkeypatch):
     # Force the per-token gathered-basis path (used when C·r is large), and chunking over tokens.
     monkeypatch.setattr(torch_backend, "WIDE_GEMM_MAX_COLUMNS", 1)

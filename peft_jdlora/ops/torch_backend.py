@@ -91,11 +91,12 @@ def add_jd_lora_delta_torch_(
     sigma: torch.Tensor,
     adapter_cluster: torch.Tensor,
 ) -> torch.Tensor:
-    """out [T, d_out] += the update of every token, in place (into out directly when it has the update's dtype);
+    """out [T, d_out] += the update of every token, in place (into out directly when out, z and U share a dtype);
     returns out. Differentiable when `out` itself needs no gradient (a fresh tensor: `ops.jd_lora_delta`)."""
     slots = token_slots.clamp(min=0)  # [T]
     token_cluster = adapter_cluster[slots] if V.shape[0] > 1 else None  # [T]
     z = apply_sigma(shrink(x, V, token_cluster), sigma, token_slots, slots)  # [T, r], 0 for base tokens
-    if out.dtype == z.dtype:
+    if out.dtype == z.dtype == U.dtype:
         return expand(z, U, token_cluster, out=out)
+    # Under torch.autocast, z comes out in the autocast dtype while U keeps its own, and in-place ops are not cast.
     return out.add_(expand(z, U, token_cluster).to(out.dtype))
