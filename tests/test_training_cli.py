@@ -119,6 +119,20 @@ def test_train_writes_the_bundle_with_the_adapter_appended(world, tmp_path, caps
     assert "rev" in text and TRAINED_SOURCE in text
 
 
+@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
+def test_train_with_autocast_evaluates_and_learns(world, tmp_path, capsys, autocast):
+    """--autocast runs the no-grad evaluation forward under autocast too (the in-place serving path)."""
+    out = tmp_path / "plus"
+    options = f"--steps 12 --batch-size 4 --lr 0.1 --eval-fraction 0.25 --warmup 2 --seed 3 --autocast {autocast}"
+    code, result = run(
+        capsys, f"train {world / 'bundle1'} --name rev --data {world / 'reverse.jsonl'} --out {out} {options}"
+    )
+    assert code == 0, result
+    trained = result["trained"]
+    assert trained["eval_loss_after"] < trained["eval_loss_before"] - 0.03
+    assert load_bundle(out).config.adapter_names[-1] == "rev"
+
+
 def test_train_text_data_in_place_keeps_other_files(world, tmp_path, capsys):
     import shutil
 
@@ -204,7 +218,7 @@ def test_train_errors_have_their_exit_codes_and_write_nothing(world, tmp_path, c
     not_lora = world / "base"
     fails(ExitCode.INPUT, f"--init project:{not_lora}", f"--name n --data {data} --init project:{not_lora}")
 
-    # Training diverges after two steps (Σ turns NaN, as an overflow would make it): stop, say so, write nothing.
+    # Training diverges at step two (Σ turns NaN, as an overflow would make it): stop there, say so, write nothing.
     original_step, calls = torch.optim.AdamW.step, []
 
     def diverging_step(self, *args, **kwargs):
@@ -218,8 +232,21 @@ def test_train_errors_have_their_exit_codes_and_write_nothing(world, tmp_path, c
         return result
 
     monkeypatch.setattr(torch.optim.AdamW, "step", diverging_step)
-    fails(ExitCode.TRAINING, "stopped: the training loss is nan on batch 3", f"--name n --data {data} --steps 5")
+    fails(
+        ExitCode.TRAINING,
+        "stopped: the trained numbers are not finite after step 2",
+        f"--name n --data {data} --steps 5",
+    )
+    # Diverging on the last step, with no held-out examples to see it.
+    calls.clear()
+    fails(
+        ExitCode.TRAINING,
+        "stopped: the trained numbers are not finite after step 2",
+        f"--name n --data {data} --steps 2 --eval-fraction 0",
+    )
     monkeypatch.undo()
+    # A learning rate whose first AdamW step (10 x lr) is past float32's range is refused before anything loads.
+    fails(ExitCode.USAGE, "--lr 1e+38 is too large", f"--name n --data {data} --lr 1e38")
     out.mkdir()
     got, result = run(capsys, f"train {bundle} --out {out} --name n --data {data}")
     assert got == ExitCode.OUTPUT_EXISTS and "--overwrite" in result["error"]

@@ -30,6 +30,10 @@ from .errors import ExitCode, JDLoraHubError, SourceError, UsageError
 Log = Callable[[str], None]
 AUTOCAST_DTYPES = ("bf16", "fp16")
 PROBE_BATCHES = 4  # batches of the training data that score the clusters when --cluster auto must choose
+# AdamW's first step is lr / (1 - beta1) = 10 x lr (torch's default betas), and torch turns it into a float32 number:
+# a larger --lr cannot even take one step.
+ADAMW_FIRST_STEP_FACTOR = 10.0
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class TrainingError(JDLoraHubError):
@@ -139,6 +143,11 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         raise UsageError("--eval-data and --eval-fraction exclude each other.")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}.")
+    if args.lr * ADAMW_FIRST_STEP_FACTOR >= FLOAT32_MAX:
+        raise UsageError(
+            f"--lr {args.lr:g} is too large: AdamW's first step ({ADAMW_FIRST_STEP_FACTOR:g} x lr) is past float32's "
+            f"range; use a learning rate below {FLOAT32_MAX / ADAMW_FIRST_STEP_FACTOR:.1e}."
+        )
     init = args.init
     if not (init in ("zeros", "mean") or (init.startswith("project:") and len(init) > len("project:"))):
         raise UsageError(f"--init must be zeros, mean or project:LORA_FOLDER, got {init!r}.")
@@ -408,6 +417,8 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise peft_jdlora.NonFiniteLossError(f"the trained numbers are not finite after step {step + 1}")
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
