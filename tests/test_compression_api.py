@@ -253,6 +253,29 @@ def mixed_bundle(adapters):
     return bundle, special
 
 
+def test_projecting_into_a_plan_whose_default_layout_is_per_adapter_svd():
+    """Unrelated adapters: the default plan stores most modules as per-adapter SVD, so its default group (no
+    cluster_pattern entry) is the singleton-cluster layout. A new adapter must get its own truncated SVD there, not be
+    squeezed into another adapter's basis."""
+    source = SyntheticSource(MODULES, 6, lora_rank=4, kind="random", dtype=F64, seed=5)
+    adapters = source.adapters()
+    bundle = compress(adapters[:5], budget="r4", cluster_counts=(), progress=False)
+    svd_modules = [m for m, entry in bundle.report.plan.items() if entry["kind"] == "svd"]
+    assert svd_modules and any(bundle.config.pattern_key(bundle.config.cluster_pattern, m) is None for m in svd_modules)
+    grown = project(bundle, [adapters[5]], progress=False)
+    grown.validate()
+    new = adapters[5]
+    for module in svd_modules:
+        assert grown.config.clusters_for(module)[-1] == 5 and grown.modules[module].U.shape[0] == 6
+        rank = bundle.modules[module].U.shape[-1]
+        u, s, vh = torch.linalg.svd(new.delta_weight(module).to(F64))
+        truncated = (u[:, :rank] * s[:rank]) @ vh[:rank]  # the best rank-r approximation (brute force)
+        torch.testing.assert_close(grown.delta_weight(module, new.name).to(F64), truncated, atol=1e-8, rtol=1e-6)
+    for old in adapters[:5]:  # the others are untouched
+        for module in bundle.modules:
+            torch.testing.assert_close(grown.delta_weight(module, old.name), bundle.delta_weight(module, old.name))
+
+
 def test_project_remove_evaluate_with_per_module_layouts():
     adapters = synthetic_adapters(seed=2)
     bundle, special = mixed_bundle(adapters)

@@ -515,6 +515,26 @@ def test_budget_plan_bundle_with_per_adapter_svd_modules(tmp_path):
         torch.testing.assert_close(saved.modules[m].sigma, added.modules[m].sigma, rtol=1e-5, atol=1e-6)
 
 
+def test_default_plan_of_unrelated_loras_trains_only_where_a_basis_is_shared(tmp_path):
+    """jdlora-convert's default plan stores unrelated LoRAs mostly as per-adapter SVD, as its default layout (no
+    cluster_pattern entry): a zeros start is not trained inside one adapter's own basis there; a projection gets its
+    own basis."""
+    from peft_jdlora.compression import compress, read_lora_adapter
+
+    base = tiny_llama()
+    loras = [read_lora_adapter(make_lora(tmp_path / f"l{seed}", base, seed=seed)) for seed in range(4)]
+    bundle = compress(loras, budget="r4", cluster_counts=(), progress=False)
+    config = bundle.config
+    svd = sorted(m for m, entry in bundle.report.plan.items() if entry["kind"] == "svd")
+    assert svd and any(config.pattern_key(config.cluster_pattern, m) is None for m in svd)
+    save_bundle(bundle, tmp_path / "b")
+    with pytest.warns(UserWarning, match="per-adapter SVD"):
+        adapter = add_trainable_adapter(load(tmp_path / "b"), "new")
+    assert sorted(adapter.untrained_modules) == svd
+    adapter = add_trainable_adapter(load(tmp_path / "b"), "new", init=f"project:{make_lora(tmp_path, base, seed=9)}")
+    assert adapter.untrained_modules == [] and {adapter.clusters[m] for m in svd} == {4}  # its own basis there
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 

@@ -288,13 +288,17 @@ def _own_cluster_modules(bundle: Bundle) -> set[str]:
     """Modules stored as per-adapter SVD (a singleton cluster per adapter, diagonal Σ), whole bundle or per module
     (budget plans mix them): a projected adapter gets its own truncated SVD there."""
     config, n = bundle.config, bundle.config.num_adapters
+    report = bundle.report
+    plan = report.plan if report is not None and report.plan else {}
     out = set()
     for module, f in bundle.modules.items():
-        assignment = config.clusters_for(module)
-        if config.pattern_key(config.cluster_pattern, module) is None:
-            if is_svd_bundle(bundle):
-                out.add(module)
-        elif n > 1 and f.sigma.dim() == 2 and sorted(assignment) == list(range(n)):
+        if module in plan:  # a budget plan says what it chose per module
+            own = plan[module].get("kind") == "svd"
+        elif config.pattern_key(config.cluster_pattern, module) is None and not (report and report.method == "budget"):
+            own = is_svd_bundle(bundle)
+        else:  # a plan's per-module layout (its most common choice is the default group): read the layout itself
+            own = n > 1 and f.sigma.dim() == 2 and sorted(config.clusters_for(module)) == list(range(n))
+        if own:
             out.add(module)
     return out
 
