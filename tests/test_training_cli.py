@@ -190,6 +190,16 @@ def write_lines(path, lines):
     return path
 
 
+def test_examples_with_a_byte_order_mark_read_as_without(tmp_path):
+    lines = [{"prompt": "Reverse ab: ", "target": "ba"}, {"text": "caf\u00e9 \u2028 ok"}]
+    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
+    (tmp_path / "plain.jsonl").write_bytes(text)
+    (tmp_path / "marked.jsonl").write_bytes(b"\xef\xbb\xbf" + text)
+    tokenizer = char_tokenizer()
+    plain, marked = (read_examples(tmp_path / name, tokenizer, 64) for name in ("plain.jsonl", "marked.jsonl"))
+    assert marked.rows == plain.rows and marked.lines == 2  # a raw U+2028 inside a JSON string is no line break
+
+
 def test_train_errors_have_their_exit_codes_and_write_nothing(world, tmp_path, capsys, monkeypatch):
     bundle = str(world / "bundle1")
     out = tmp_path / "out"
@@ -213,6 +223,10 @@ def test_train_errors_have_their_exit_codes_and_write_nothing(world, tmp_path, c
     keys = write_lines(tmp_path / "keys.jsonl", [json.dumps({"input": "a", "output": "b"})])
     fails(ExitCode.INPUT, "keys.jsonl:1: expected 'prompt' and 'target', or 'text'", f"--name n --data {keys}")
     fails(ExitCode.INPUT, "no such file", f"--name n --data {tmp_path / 'missing.jsonl'}")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"text": "caf\u00e9"}).encode().replace(b"\\u00e9", b"\xe9"))
+    fails(ExitCode.INPUT, "latin.jsonl: not UTF-8 text", f"--name n --data {latin}")
+    fails(ExitCode.USAGE, "exclude each other", f"--name n --data {data} --eval-data {data} --eval-fraction 0.1")
     fails(ExitCode.USAGE, "the bundle has 1 clusters", f"--name n --data {data} --cluster 3")
     fails(ExitCode.USAGE, "--init must be", f"--name n --data {data} --init random")
     not_lora = world / "base"

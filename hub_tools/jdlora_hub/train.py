@@ -113,7 +113,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, add_output_args: Calla
     group.add_argument(
         "--eval-fraction",
         type=fraction,
-        default=TrainOptions.eval_fraction,
+        default=None,  # None: not given (it excludes --eval-data even when given as the default value)
         help="share of the examples held out for the evaluation loss (default: 0.1; 0: none)",
     )
     group.add_argument("--eval-data", type=Path, help="held-out examples (JSON Lines) instead of --eval-fraction")
@@ -139,7 +139,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser, add_output_args: Calla
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
-    if args.eval_data is not None and args.eval_fraction != TrainOptions.eval_fraction:
+    if args.eval_data is not None and args.eval_fraction is not None:
         raise UsageError("--eval-data and --eval-fraction exclude each other.")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {args.warmup}.")
@@ -152,7 +152,11 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     if not (init in ("zeros", "mean") or (init.startswith("project:") and len(init) > len("project:"))):
         raise UsageError(f"--init must be zeros, mean or project:LORA_FOLDER, got {init!r}.")
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)}  # the options' own names
-    return TrainOptions(**{**options, "eval_fraction": 0.0 if args.eval_data is not None else args.eval_fraction})
+    if args.eval_data is not None:
+        eval_fraction = 0.0
+    else:
+        eval_fraction = TrainOptions.eval_fraction if args.eval_fraction is None else args.eval_fraction
+    return TrainOptions(**{**options, "eval_fraction": eval_fraction})
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -165,48 +169,52 @@ def read_examples(path: Path, tokenizer: Any, max_length: int) -> Examples:
         raise SourceError(f"--data {path}: no such file.")
     eos = tokenizer.eos_token_id
     out = Examples()
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    try:
+        # utf-8-sig: a byte-order mark some editors write; split on "\n" only, as reading lines from the file does
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{path}: not UTF-8 text (byte {err.start}).") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        out.lines += 1
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SourceError(f"{where}: not valid JSON ({err.msg}).") from None
+        if not isinstance(item, dict):
+            raise SourceError(f"{where}: expected an object with 'prompt' and 'target', or 'text'.")
+        if "text" in item and ("prompt" in item or "target" in item):
+            raise SourceError(f"{where}: give 'text', or 'prompt' and 'target', not both.")
+        if "text" in item:
+            if not isinstance(item["text"], str):
+                raise SourceError(f"{where}: 'text' must be a string.")
+            ids = list(tokenizer(item["text"])["input_ids"])
+            if eos is not None and item["text"]:
+                ids.append(eos)
+            if len(ids) > max_length:
+                ids, out.truncated = ids[:max_length], out.truncated + 1
+            labels = list(ids)
+        elif "prompt" in item and "target" in item:
+            prompt, target = item["prompt"], item["target"]
+            if not isinstance(prompt, str) or not isinstance(target, str):
+                raise SourceError(f"{where}: 'prompt' and 'target' must be strings.")
+            prompt_ids = list(tokenizer(prompt)["input_ids"])
+            target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"]) if target else []
+            if target_ids and eos is not None:
+                target_ids.append(eos)
+            if len(prompt_ids) + len(target_ids) > max_length:
+                out.dropped_too_long += 1
                 continue
-            out.lines += 1
-            where = f"{path}:{number}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SourceError(f"{where}: not valid JSON ({err.msg}).") from None
-            if not isinstance(item, dict):
-                raise SourceError(f"{where}: expected an object with 'prompt' and 'target', or 'text'.")
-            if "text" in item and ("prompt" in item or "target" in item):
-                raise SourceError(f"{where}: give 'text', or 'prompt' and 'target', not both.")
-            if "text" in item:
-                if not isinstance(item["text"], str):
-                    raise SourceError(f"{where}: 'text' must be a string.")
-                ids = list(tokenizer(item["text"])["input_ids"])
-                if eos is not None and item["text"]:
-                    ids.append(eos)
-                if len(ids) > max_length:
-                    ids, out.truncated = ids[:max_length], out.truncated + 1
-                labels = list(ids)
-            elif "prompt" in item and "target" in item:
-                prompt, target = item["prompt"], item["target"]
-                if not isinstance(prompt, str) or not isinstance(target, str):
-                    raise SourceError(f"{where}: 'prompt' and 'target' must be strings.")
-                prompt_ids = list(tokenizer(prompt)["input_ids"])
-                target_ids = list(tokenizer(target, add_special_tokens=False)["input_ids"]) if target else []
-                if target_ids and eos is not None:
-                    target_ids.append(eos)
-                if len(prompt_ids) + len(target_ids) > max_length:
-                    out.dropped_too_long += 1
-                    continue
-                ids, labels = prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
-            else:
-                raise SourceError(f"{where}: expected 'prompt' and 'target', or 'text'; got keys {sorted(item)}.")
-            # A label is predicted from the token before it: a loss needs a labelled token after the first.
-            if not any(label != -100 for label in labels[1:]):
-                out.dropped_empty += 1
-                continue
-            out.rows.append({"input_ids": ids, "labels": labels})
+            ids, labels = prompt_ids + target_ids, [-100] * len(prompt_ids) + target_ids
+        else:
+            raise SourceError(f"{where}: expected 'prompt' and 'target', or 'text'; got keys {sorted(item)}.")
+        # A label is predicted from the token before it: a loss needs a labelled token after the first.
+        if not any(label != -100 for label in labels[1:]):
+            out.dropped_empty += 1
+            continue
+        out.rows.append({"input_ids": ids, "labels": labels})
     return out
 
 
