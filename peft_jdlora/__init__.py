@@ -14,6 +14,7 @@ from .registration import register
 from .training import (
     NonFiniteLossError,
     TrainableAdapter,
+    TrainingSetupError,
     add_trainable_adapter,
     cluster_scores,
     enable_activation_checkpointing,
@@ -40,6 +41,7 @@ __all__ = [
     "NonFiniteLossError",
     "TokenSlots",
     "TrainableAdapter",
+    "TrainingSetupError",
     "add_trainable_adapter",
     "cluster_scores",
     "enable_activation_checkpointing",

@@ -79,6 +79,11 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss of an adapter trained in a bundle's basis became NaN or infinite."""
 
 
+class TrainingSetupError(ValueError):
+    """`add_trainable_adapter` (or `cluster_scores`) refuses its arguments, the model or the bundle's layout; the
+    message says why and what to do. A `ValueError`, as such refusals are in Python."""
+
+
 # ---------------------------------------------------------------------------------------------------- the handle
 
 
@@ -329,7 +334,7 @@ def cluster_scores(
                 seen.clear()
                 loss = tuner.model(**{k: v for k, v in batch.items() if k != "adapter_ids"}).loss
                 if loss is None:
-                    raise ValueError("cluster_scores needs batches with labels (the model returned no loss).")
+                    raise TrainingSetupError("cluster_scores needs batches with labels (the model returned no loss).")
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"the base model's loss on probe batch {num_batches} is {loss.item()}.")
                 # autograd.grad, not backward: no parameter's .grad is touched
@@ -351,7 +356,7 @@ def cluster_scores(
         seen.clear()
         tuner.model.train(was_training)
     if num_batches == 0:
-        raise ValueError("cluster_scores got no batches.")
+        raise TrainingSetupError("cluster_scores got no batches.")
 
     out: dict[str, dict[str, Any]] = {}
     for name, layer in layers.items():
@@ -372,7 +377,9 @@ def cluster_scores(
         group = _group_of(config, name)
         entry = out.setdefault(group, {"modules": [], "scores": torch.zeros_like(score)})
         if entry["scores"].shape != score.shape:
-            raise ValueError(f"module {name!r} has {score.numel()} clusters, others of its group {group!r} differ.")
+            raise TrainingSetupError(
+                f"module {name!r} has {score.numel()} clusters, others of its group {group!r} differ."
+            )
         entry["modules"].append(name)
         entry["scores"] = entry["scores"] + score
     for entry in out.values():
@@ -436,12 +443,12 @@ def _given_clusters(
         count = layer.jd_U[bundle].shape[0]
         if _group_of(config, module) == _DEFAULT_GROUP:
             if not 0 <= cluster < count:
-                raise ValueError(f"cluster={cluster}: the bundle has {count} clusters (ids 0 to {count - 1}).")
+                raise TrainingSetupError(f"cluster={cluster}: the bundle has {count} clusters (ids 0 to {count - 1}).")
             out[module] = cluster
         elif count == 1:
             out[module] = 0
         else:
-            raise ValueError(
+            raise TrainingSetupError(
                 f"cluster={cluster} is ambiguous: module {module!r} has its own cluster assignment (cluster_pattern "
                 f"{_group_of(config, module)!r}, {count} clusters). Pass cluster=<adapter name> to train in that "
                 "adapter's clusters at every module, or cluster='auto'."
@@ -464,7 +471,7 @@ def _plan(
     counts = {m: layer.jd_U[bundle].shape[0] for m, layer in layers.items()}
     shared = [m for m in layers if m not in own]
     if not shared and not init.startswith("project:"):
-        raise ValueError(
+        raise TrainingSetupError(
             "every module of this bundle stores per-adapter SVD (each adapter has its own basis): there is no shared "
             "basis to train a new adapter in. Train an ordinary LoRA and `jdlora add` it, or start from one with "
             "init='project:<LoRA folder>' (the adapter then gets its own basis, as projection gives it)."
@@ -481,7 +488,7 @@ def _plan(
             choice = {"method": "projection error"}
         else:
             if probe_batches is None:
-                raise ValueError(
+                raise TrainingSetupError(
                     "the bundle has several clusters: pass probe_batches=[...] (a few batches of the new task, with "
                     "labels) so that cluster='auto' can choose one, or choose it with cluster=<id or adapter name>."
                 )
@@ -545,7 +552,9 @@ def _projection(
     from .compression import project, read_lora_adapter
 
     if not folder:
-        raise ValueError("init='project:<LoRA folder>' needs the folder of a PEFT LoRA adapter after 'project:'.")
+        raise TrainingSetupError(
+            "init='project:<LoRA folder>' needs the folder of a PEFT LoRA adapter after 'project:'."
+        )
     adapter = read_lora_adapter(folder, name=name)  # AdapterReadError naming the folder
     config = tuner.peft_config[bundle]
     view = Bundle(
@@ -604,31 +613,33 @@ def add_trainable_adapter(
     bundle = tuner._bundle_name(bundle)
     config: JDLoraConfig = tuner.peft_config[bundle]
     if config.inference_mode:
-        raise ValueError(
+        raise TrainingSetupError(
             f"bundle {bundle!r} was loaded for inference: load it with PeftModel.from_pretrained(base, bundle, "
             "is_trainable=True) to train a new adapter in its basis."
         )
     if not isinstance(name, str) or not name:
-        raise ValueError(f"the new adapter's name must be a non-empty string, got {name!r}.")
+        raise TrainingSetupError(f"the new adapter's name must be a non-empty string, got {name!r}.")
     if name in config.adapter_names:
-        raise ValueError(
+        raise TrainingSetupError(
             f"the bundle already holds an adapter named {name!r} (index {config.adapter_names.index(name)}): choose "
             "another name, or remove that adapter first (`jdlora remove`)."
         )
     states: dict[str, TrainableAdapter] = tuner.__dict__.setdefault(STATE_ATTR, {})
     if bundle in states:
-        raise ValueError(
+        raise TrainingSetupError(
             f"bundle {bundle!r} is already training adapter {states[bundle].name!r}: save it (model.save_pretrained) "
             "and load the saved bundle to train another."
         )
     if not isinstance(init, str) or not (init in ("zeros", "mean") or init.startswith("project:")):
-        raise ValueError(f"init must be one of {INIT_CHOICES}, got {init!r}.")
+        raise TrainingSetupError(f"init must be one of {INIT_CHOICES}, got {init!r}.")
     layers = _bundle_layers(tuner, bundle)
     if not layers:
-        raise ValueError(f"bundle {bundle!r} patches no layer of this model.")
+        raise TrainingSetupError(f"bundle {bundle!r} patches no layer of this model.")
     merged = [m for m, layer in layers.items() if layer.merged]
     if merged:
-        raise ValueError(f"an adapter of the bundle is merged into the base weights ({merged[0]}): unmerge it first.")
+        raise TrainingSetupError(
+            f"an adapter of the bundle is merged into the base weights ({merged[0]}): unmerge it first."
+        )
 
     loaded_from = getattr(config, "_loaded_from", None)
     source = _source_files(loaded_from)
@@ -684,7 +695,7 @@ def _check_one_cluster_per_group(config: JDLoraConfig, plan: _Plan) -> None:
         group = _group_of(config, module)
         first = seen.setdefault(group, (module, c))
         if first[1] != c:
-            raise ValueError(
+            raise TrainingSetupError(
                 f"modules {first[0]!r} and {module!r} share one cluster assignment ({group!r}) but would put the new "
                 f"adapter in clusters {first[1]} and {c} (one stores per-adapter SVD, the other a shared basis?): "
                 "this bundle's layout cannot take a new adapter in its basis."
@@ -836,7 +847,7 @@ def trained_bundle(model: nn.Module, bundle: Optional[str] = None) -> Bundle:
     bundle = tuner._bundle_name(bundle)
     state = tuner.__dict__.get(STATE_ATTR, {}).get(bundle)
     if state is None:
-        raise ValueError(f"bundle {bundle!r} is training no adapter: call add_trainable_adapter first.")
+        raise TrainingSetupError(f"bundle {bundle!r} is training no adapter: call add_trainable_adapter first.")
     layers = _bundle_layers(tuner, bundle)
     now = _frozen_fingerprints(layers, bundle)
     changed = [key for key, digest in now.items() if state.fingerprints.get(key) != digest]

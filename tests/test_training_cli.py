@@ -200,6 +200,22 @@ def test_examples_with_a_byte_order_mark_read_as_without(tmp_path):
     assert marked.rows == plain.rows and marked.lines == 2  # a raw U+2028 inside a JSON string is no line break
 
 
+@pytest.mark.parametrize("error", [ValueError, KeyError])
+def test_a_bug_inside_the_training_setup_is_an_internal_error(world, tmp_path, capsys, monkeypatch, error):
+    """Only add_trainable_adapter's own refusals (TrainingSetupError) are usage errors: a ValueError or KeyError from
+    a bug is an internal error (exit 1) with the hint to its traceback, and nothing is written."""
+    import peft_jdlora
+
+    def broken(*args, **kwargs):
+        raise error("a bug inside the setup")
+
+    monkeypatch.setattr(peft_jdlora, "add_trainable_adapter", broken)
+    out = tmp_path / "out"
+    code, result = run(capsys, f"train {world / 'bundle1'} --out {out} --name n --data {world / 'reverse.jsonl'}")
+    assert code == ExitCode.INTERNAL and f"internal error: {error.__name__}" in result["error"], result
+    assert not out.exists()
+
+
 def test_train_errors_have_their_exit_codes_and_write_nothing(world, tmp_path, capsys, monkeypatch):
     bundle = str(world / "bundle1")
     out = tmp_path / "out"

@@ -385,9 +385,7 @@ def train(
         )
     except AdapterReadError as err:  # the LoRA of --init project:...
         raise SourceError(f"--init {options.init}: {err}") from None
-    except KeyError as err:
-        raise UsageError(f"--cluster: {err.args[0]}") from None
-    except ValueError as err:
+    except peft_jdlora.TrainingSetupError as err:  # its refusals only: any other error is a bug, not a usage error
         raise UsageError(str(err)) from None
     adapter.record_data(
         sha256=file_sha256(data),
