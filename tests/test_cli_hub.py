@@ -134,6 +134,7 @@ def test_convert_glob_pins_revisions_verifies_and_pushes_one_commit(world, conve
     assert no_temp_leftovers(out.parent)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "JDLORA" and config["base_model_name_or_path"] == "org/tiny-llama"
+    assert config["base_model_type"] == "llama"  # from the base model downloaded for the check (a fresh cache)
     assert [s["revision"] for s in config["adapter_sources"]] == [hub.head(f"org/{n}") for n in ADAPTERS]
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "peft" and card.data.base_model == "org/tiny-llama"

@@ -174,6 +174,7 @@ def _write_verified(
     """Write the bundle atomically after verifying it; the model card and report are written last, with the
     verification results. Returns the verification record."""
     from peft_jdlora.bundle import REPORT_NAME, atomic_output_dir, write_bundle_files
+    from peft_jdlora.config import model_type_of
     from peft_jdlora.report import BundleReport
 
     bundle.report = bundle.report if bundle.report is not None else BundleReport()
@@ -185,11 +186,16 @@ def _write_verified(
         destination = atomic_output_dir(output.out, overwrite=output.overwrite)
     try:
         with held_signals(start=False) as hold_signals, destination as tmp:
+            base = find_base_model(verify.base_model, recorded_base, hub) if verify.base_check and originals else None
+            if base is not None and base[0] is not None and bundle.config.base_model_type is None:
+                # The model the logits check runs on, found (or downloaded) just now: the cache may not have held it
+                # for the files to record its type.
+                bundle.config.base_model_type = model_type_of(base[0])
             write_bundle_files(bundle, tmp, with_report=False)  # the report goes last, once, with the verification
             check_reload(bundle, tmp)
             verification["reloaded"] = True
-            if verify.base_check and originals:
-                folder, name, reason = find_base_model(verify.base_model, recorded_base, hub)
+            if base is not None:
+                folder, name, reason = base
                 if folder is None:
                     verification["base_model_check"] = {"status": "skipped", "reason": reason, "base_model": name}
                     log(f"base model check skipped: {reason}")
