@@ -132,8 +132,11 @@ class JDLinearMixin:
         self.plain_A = [torch.zeros(pool, rank, self.input_size, dtype=dtype, device=device) for _ in names]
         self.plain_B = [torch.zeros(pool, size, rank, dtype=dtype, device=device) for size in self.output_slices]
         self.plain_sigma = torch.ones(pool, rank, dtype=dtype, device=device)  # [P, r]: Σ = I, a plain LoRA
-        # each pool entry its own "cluster": a per-entry LoRA through the same op
-        self.plain_cluster = build.routing.cluster_table(POOL, torch.arange(pool, dtype=torch.int64))
+        # Each pool entry its own "cluster": a per-entry LoRA through the same op. An empty pool (plain_lora_slots=0)
+        # registers no table: no token can use it, and the kernels' per-step metadata needs at least one entry.
+        self.plain_cluster: Optional[torch.Tensor] = (
+            build.routing.cluster_table(POOL, torch.arange(pool, dtype=torch.int64)) if pool else None
+        )  # [P]
         self.plain_offsets = offsets
         self.jd_routing = build.routing
 
@@ -224,7 +227,7 @@ class JDLinearMixin:
             )  # [T, d_out_s]
             output[:, term.offset : term.offset + term.U.shape[1]] += delta.to(output.dtype)
         pool_slots = routing.pool_tokens(num_tokens)  # [T]
-        if pool_slots is not None and self.plain_sigma.shape[0]:
+        if pool_slots is not None and self.plain_cluster is not None:
             for A, B, offset in zip(self.plain_A, self.plain_B, self.plain_offsets):
                 delta = torch.ops.peft_jdlora.jd_lora_delta(
                     x.to(A.dtype), pool_slots, B, A, self.plain_sigma, self.plain_cluster
