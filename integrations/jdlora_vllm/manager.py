@@ -16,7 +16,12 @@ from typing import Any, Optional
 
 from vllm import envs
 from vllm.logger import init_logger
-from vllm.lora.layers import LoRAMapping
+from vllm.lora.layers import (
+    LogitsProcessorWithLoRA,
+    LoRAMapping,
+    VocabParallelEmbeddingWithLoRA,
+)
+from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.lora.request import LoRARequest
@@ -129,6 +134,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         with building(build):
             super()._create_lora_modules()
         self._jd_layers = frozenset(name for name, module in self.modules.items() if isinstance(module, JDLinearMixin))
+        self._add_zero_slot_for_no_lora_rows()
         unserved = build.unserved_modules()
         if unserved:
             source, module = unserved[0]
@@ -137,6 +143,21 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
                 f"({len(unserved)} such modules; check --lora-target-modules, and that the bundle was made for this "
                 "model). vLLM wraps: " + ", ".join(sorted(self.modules)[:6]) + (" ..." if len(self.modules) > 6 else "")
             )
+
+    def _add_zero_slot_for_no_lora_rows(self) -> None:
+        """Give vLLM's own LoRA layers one more slot than `max_loras`, never written: the slot that index -1 reads.
+
+        vLLM 0.32's CPU LoRA ops (`vllm/lora/ops/torch_ops`, what `PunicaWrapperCPU` runs) gather
+        `lora_*_stacked[token_lora_indices]` without skipping -1, the index of a token without LoRA, so such a token
+        gets the LoRA in slot `max_loras - 1` (also after that LoRA left the slot: vLLM does not clear a freed slot).
+        Base rows are such tokens, and so are bundle rows in these layers (`without_bundle_adapters`). With the
+        extra slot, -1 reads zeros; the Triton kernels on CUDA skip -1 and never read it.
+        """
+        own_layers = (BaseLinearLayerWithLoRA, VocabParallelEmbeddingWithLoRA, LogitsProcessorWithLoRA)
+        for name, module in self.modules.items():
+            # JD layers never read their stacks; fused-MoE LoRA layers run vLLM's Triton kernels, not these ops
+            if name not in self._jd_layers and isinstance(module, own_layers):
+                module.create_lora_weights(self.lora_slots + 1, self.lora_config, self.model.config)
 
     # ------------------------------------------------------------------ adapters
 
@@ -198,7 +219,8 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
             return super()._set_adapter_mapping(mapping)
         self.jd_routing.set_token_slots(token_slots_from_mapping(mapping.index_mapping, self.lora_index_to_id))
         # vLLM's own LoRA layers (modules no bundle patches, embeddings, lm_head) see bundle-adapter tokens as base
-        # tokens: those layers hold nothing for them, and would otherwise run their per-slot LoRA ops on zeros.
+        # tokens (-1, which reads the zero slot `_add_zero_slot_for_no_lora_rows` adds): those layers hold nothing
+        # for them, and a step without other LoRA tokens then skips their per-slot LoRA ops in prefill.
         super()._set_adapter_mapping(without_bundle_adapters(mapping, self._bundle_adapter_ids()))
 
     def _bundle_adapter_ids(self) -> frozenset[int]:
