@@ -4,7 +4,8 @@ serves every bundle adapter by name.
 - `InputProcessor._validate_lora` (every `LLM.generate` / server request) also checks a request that names a bundle:
   the adapter exists (else a `VLLMValidationError` for that request, not an engine error), a name that several
   configured bundles hold is served as "<bundle>/<adapter>", one `lora_int_id` never names two adapters, and the
-  ordinary LoRAs that need a pool entry in bundle-patched modules fit `plain_lora_slots`.
+  ordinary LoRAs that need a pool entry in a layer a bundle patches (also through a module vLLM packs with the
+  bundle's into that layer: k_proj next to q_proj in qkv_proj) fit `plain_lora_slots`.
 - `OpenAIServingModels.init_static_loras` also registers every bundle adapter under its served names, so
   `"model": "<adapter name>"` works and `/v1/models` lists them, without `VLLM_ALLOW_RUNTIME_LORA_UPDATING`.
 - `BundleAdapterResolver` (registered as the LoRA resolver "jdlora") answers the same names when runtime LoRA
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,7 +39,11 @@ class FrontendState:
     """What one front end knows of the configured bundles and of the ids its requests used."""
 
     def __init__(
-        self, settings: JDVllmSettings, catalog: BundleCatalog, limited_targets: Optional[list[str]] = None
+        self,
+        settings: JDVllmSettings,
+        catalog: BundleCatalog,
+        limited_targets: Optional[list[str]] = None,
+        packed_modules_mapping: Optional[Callable[[], dict[str, list[str]]]] = None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
@@ -49,6 +55,9 @@ class FrontendState:
         self._bundle_suffixes = {
             module.rpartition(".")[2] for b in catalog.bundles for module in _target_list(b.config.target_modules)
         }
+        # Called at the first ordinary LoRA only: it imports the model's class, which bundle-only engines never need.
+        self._packed_modules_mapping = packed_modules_mapping or (lambda: dict(COMMON_PACKED_MODULES))
+        self._pool_suffixes: Optional[frozenset[str]] = None
 
     def check(self, lora_request: LoRARequest) -> None:
         """Check (and, for an ambiguous adapter name, qualify) one request; raises `VLLMValidationError`."""
@@ -77,9 +86,10 @@ class FrontendState:
                 pooled = self._pooled_loras | {lora_request.lora_int_id}
                 if len(pooled) > self.settings.plain_lora_slots:
                     raise VLLMValidationError(
-                        f"ordinary LoRA {lora_request.lora_name!r} patches modules that a JD-LoRA bundle patches, and "
-                        f"this engine holds at most jdlora.plain_lora_slots={self.settings.plain_lora_slots} such "
-                        "LoRAs: raise plain_lora_slots in additional_config['jdlora'].",
+                        f"ordinary LoRA {lora_request.lora_name!r} patches a layer that a JD-LoRA bundle patches (a "
+                        "module of it, or one vLLM packs with it, as k_proj with q_proj), and this engine serves at "
+                        f"most jdlora.plain_lora_slots={self.settings.plain_lora_slots} such LoRAs over its life: "
+                        "raise plain_lora_slots in additional_config['jdlora'].",
                         parameter="lora_request",
                         value=lora_request.lora_name,
                     )
@@ -97,11 +107,13 @@ class FrontendState:
             )
 
     def _needs_pool_entry(self, lora_path: str) -> bool:
-        """Whether an ordinary LoRA may patch a module a bundle patches (True unless its config says otherwise)."""
+        """Whether an ordinary LoRA may patch a layer a bundle patches (True unless its config says otherwise)."""
         targets = _lora_targets(lora_path)
         if targets is None:  # a regex, or unreadable: assume it may
             return True
-        return any(t in self._bundle_suffixes for t in targets)
+        if self._pool_suffixes is None:
+            self._pool_suffixes = modules_in_bundle_layers(self._bundle_suffixes, self._packed_modules_mapping())
+        return not self._pool_suffixes.isdisjoint(targets)
 
     def _check_targets_are_wrapped(self, lora_request: LoRARequest) -> None:
         if self.limited_targets is None:
@@ -145,6 +157,36 @@ def _lora_targets(lora_path: str) -> Optional[list[str]]:
     return sorted({t.rpartition(".")[2] for t in targets})
 
 
+COMMON_PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def modules_in_bundle_layers(bundle_suffixes: set[str], packed_modules_mapping: dict[str, list[str]]) -> frozenset[str]:
+    """Module names (last components) whose LoRA lands in a layer that a bundle patches, so in its JD layer's
+    ordinary-LoRA pool: the bundles' modules, the modules packed with one of them into one vLLM layer (k_proj next
+    to a bundle's q_proj in `qkv_proj`, up_proj next to gate_proj in `gate_up_proj`), and those packed layers'
+    own names (a LoRA saved with fused names)."""
+    names = set(bundle_suffixes)
+    for packed, members in packed_modules_mapping.items():
+        if packed in bundle_suffixes or not bundle_suffixes.isdisjoint(members):
+            names.update(members)
+            names.add(packed)
+    return frozenset(names)
+
+
+def served_packed_modules(vllm_config: Any) -> dict[str, list[str]]:
+    """The served model's `packed_modules_mapping` (what vLLM's LoRA manager packs), from its model class."""
+    try:
+        from vllm.model_executor.model_loader import get_model_cls
+
+        model_cls = get_model_cls(vllm_config.model_config)
+    except Exception as err:  # the engine reports a model it cannot load; the check stays on the common layouts
+        logger.warning("jdlora: cannot resolve the model class (%s); assuming Llama's packed modules.", err)
+        return dict(COMMON_PACKED_MODULES)
+    mapping = getattr(model_cls, "packed_modules_mapping", None)
+    # a model class that defines none (a wrapper whose parts define theirs): the packings vLLM's models use
+    return {key: list(value) for key, value in mapping.items()} if mapping else dict(COMMON_PACKED_MODULES)
+
+
 def _describe(owner: tuple) -> str:
     return f"bundle adapter {owner[1]}:{owner[2]}" if owner[0] == "bundle" else f"the LoRA at {owner[1]!r}"
 
@@ -167,7 +209,12 @@ def frontend_state(vllm_config: Any) -> Optional[FrontendState]:
             _states[key] = (
                 None
                 if settings is None
-                else FrontendState(settings, BundleCatalog.open(settings), _limited_targets.get(key))
+                else FrontendState(
+                    settings,
+                    BundleCatalog.open(settings),
+                    _limited_targets.get(key),
+                    lambda: served_packed_modules(vllm_config),
+                )
             )
         return _states[key]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 
 import pytest
 
@@ -63,3 +64,37 @@ def test_request_checks(state, tmp_path):
         state.check(LoRARequest("a", 7, one))
     with pytest.raises(VLLMValidationError, match="no adapter named 'zz'"):
         state.check(LoRARequest("zz", 8, one))
+
+
+def _lora_folder(folder, targets):
+    """An ordinary LoRA as the front end reads it: only its adapter_config.json."""
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"target_modules": targets}))
+    return str(folder)
+
+
+def test_ordinary_loras_packed_with_a_bundle_module_count_against_plain_lora_slots(tmp_path):
+    """k_proj shares vLLM's qkv_proj layer with a bundle's q_proj, up_proj shares gate_up_proj with its gate_proj:
+    their LoRAs take pool entries in those JD layers, so the front end counts them (the worker would otherwise
+    fail the step); o_proj's layer is vLLM's own and needs none."""
+    model = LlamaForCausalLM(tiny_llama_config())
+    bundle = save(make_bundle(model, ("q_proj", "gate_proj"), ["a"]), tmp_path / "bundle")
+    settings = JDVllmSettings.from_additional_config({"jdlora": {"bundles": [str(bundle)], "plain_lora_slots": 3}})
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    state = frontend.FrontendState(settings, BundleCatalog.open(settings), packed_modules_mapping=lambda: packed)
+    for lora_id, targets in enumerate([["k_proj"], ["o_proj"], ["up_proj"], ["o_proj", "down_proj"], ["qkv_proj"]]):
+        state.check(LoRARequest(f"lora{lora_id}", 10 + lora_id, _lora_folder(tmp_path / f"l{lora_id}", targets)))
+    with pytest.raises(VLLMValidationError, match=r"'v_only' patches a layer that a JD-LoRA bundle patches"):
+        state.check(LoRARequest("v_only", 20, _lora_folder(tmp_path / "v", ["v_proj"])))
+
+
+def test_served_packed_modules_are_the_model_classes(tmp_path):
+    from vllm.config import ModelConfig
+
+    base = tmp_path / "base"
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(base)
+    config = type("VllmConfig", (), {"model_config": ModelConfig(model=str(base), skip_tokenizer_init=True)})()
+    assert frontend.served_packed_modules(config) == {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }

@@ -1,5 +1,7 @@
 """JD layers next to vLLM's own LoRA layers (--lora-target-modules naming modules no bundle patches): with an
-ordinary LoRA in vLLM's last slot, bundle rows, the ordinary LoRA's rows and base rows all equal PEFT's.
+ordinary LoRA in vLLM's last slot, bundle rows, the ordinary LoRA's rows and base rows all equal PEFT's, and an
+ordinary LoRA that lands in a bundle's packed layer (k_proj in the qkv_proj a bundle's q_proj patches) counts
+against plain_lora_slots at the front end.
 
 vLLM 0.32's CPU LoRA ops read slot -1 (no LoRA) as the last slot; the plugin gives vLLM's own layers a zero slot
 there (manager._add_zero_slot_for_no_lora_rows). Before it, the bundle and base rows of this batch got the ordinary
@@ -22,6 +24,7 @@ from jd_vllm_helpers import (
     vllm_generations,
 )
 from transformers import LlamaForCausalLM
+from vllm.exceptions import VLLMValidationError
 from vllm.lora.request import LoRARequest
 
 MAX_TOKENS = 6
@@ -38,6 +41,8 @@ def collection(tmp_path_factory):
         "bundle": save(make_bundle(base, ("q_proj", "v_proj"), ["a", "b"], seed=4), root / "bundle"),
         # q_proj in a JD layer's pool; o_proj, gate_proj, lm_head, embed_tokens in vLLM's own layers
         "lora": save_plain_lora(base, root / "lora", ("q_proj", "o_proj", "gate_proj", "lm_head", "embed_tokens")),
+        "k_lora": save_plain_lora(base, root / "k_lora", ("k_proj",), r=4, seed=7),
+        "up_lora": save_plain_lora(base, root / "up_lora", ("up_proj",), r=4, seed=8),
     }
 
 
@@ -81,3 +86,15 @@ def test_bundle_base_and_ordinary_rows_with_an_ordinary_lora_in_the_last_slot(ll
     want = reference_generations(collection, prompts, [ref for _, ref in rows], MAX_TOKENS)
     assert got == want
     assert len({tuple(g) for g in got}) == len(got)
+
+
+def test_lora_in_a_bundle_layer_beyond_plain_lora_slots_is_refused_at_the_front_end(llm, collection):
+    lora, k_lora, up_lora = str(collection["lora"]), str(collection["k_lora"]), str(collection["up_lora"])
+    prompts = _prompts(3, seed=1)
+    # k_proj is packed with the bundle's q_proj into one JD layer: its pool entry is the one "plain" holds.
+    with pytest.raises(VLLMValidationError, match=r"'k_only' patches a layer that a JD-LoRA bundle patches"):
+        vllm_generations(llm, prompts[:2], [LoRARequest("plain", 2, lora), LoRARequest("k_only", 3, k_lora)], 2)
+    # up_proj's gate_up_proj is one of vLLM's own layers (no bundle patches gate_proj): no pool entry needed.
+    requests = [LoRARequest("up_only", 4, up_lora), None, LoRARequest("b", 5, str(collection["bundle"]))]
+    got = vllm_generations(llm, prompts, requests, MAX_TOKENS)
+    assert got == reference_generations(collection, prompts, [("up_lora", None), None, ("bundle", "b")], MAX_TOKENS)
