@@ -127,28 +127,32 @@ def vllm_generations(llm, prompts: list[list[int]], lora_requests: list, max_tok
 _reference_models: dict[str, torch.nn.Module] = {}
 
 
-def _reference_model(collection: dict, key: Optional[str]) -> torch.nn.Module:
-    """The base model, or a PeftModel with the bundle / LoRA `collection[key]` (loaded once per test session)."""
-    cache_key = f"{collection['base']}::{key}"
+def _reference_model(collection: dict, key: Optional[str], dtype: torch.dtype) -> torch.nn.Module:
+    """The base model at `dtype`, or a PeftModel with the bundle / LoRA `collection[key]` (loaded once per test
+    session)."""
+    cache_key = f"{collection['base']}::{key}::{dtype}"
     if cache_key not in _reference_models:
         from peft import PeftModel
 
         import peft_jdlora  # noqa: F401  (registers JDLORA)
 
-        base = LlamaForCausalLM.from_pretrained(collection["base"]).eval()
+        base = LlamaForCausalLM.from_pretrained(collection["base"], dtype=dtype).eval()
         model = base if key is None else PeftModel.from_pretrained(base, str(collection[key])).eval()
         _reference_models[cache_key] = model
     return _reference_models[cache_key]
 
 
 @torch.no_grad()
-def reference_generations(collection: dict, prompts: list[list[int]], refs: list, max_tokens: int) -> list[list[int]]:
-    """Greedy token ids from transformers + PEFT: refs[i] is None (base), ("lora", None) for the ordinary LoRA, or
-    (bundle key, adapter name) for `PeftModel.from_pretrained(base, bundle).generate(adapter_ids=[name])`."""
+def reference_generations(
+    collection: dict, prompts: list[list[int]], refs: list, max_tokens: int, dtype: torch.dtype = torch.float32
+) -> list[list[int]]:
+    """Greedy token ids from transformers + PEFT with the base model at `dtype`: refs[i] is None (base), ("lora",
+    None) for the ordinary LoRA, or (bundle key, adapter name) for `PeftModel.from_pretrained(base, bundle)
+    .generate(adapter_ids=[name])`."""
     out = []
     for prompt, ref in zip(prompts, refs):
         key, adapter = (None, None) if ref is None else ref
-        model = _reference_model(collection, key)
+        model = _reference_model(collection, key, dtype)
         kwargs = {"adapter_ids": [adapter]} if adapter is not None else {}
         ids = model.generate(
             torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, **kwargs

@@ -1,7 +1,8 @@
 """Bundles served by vLLM (CPU, fp32) give the same greedy tokens as `PeftModel.from_pretrained(base, bundle)
 .generate(adapter_ids=...)`, for every row of a batch that mixes base rows, adapters of several bundles (a
 multi-cluster plan with per-module ranks, diagonal Σ and singleton clusters; an fp16 bundle; a 1000-adapter
-bundle), and an ordinary PEFT LoRA; and bad requests fail alone, with the adapter named."""
+bundle), and an ordinary PEFT LoRA; a bf16 model serving a bf16 bundle gives PEFT's tokens at bf16; and bad
+requests fail alone, with the adapter named."""
 
 from __future__ import annotations
 
@@ -66,6 +67,9 @@ def collection(tmp_path_factory):
     )
     for factors in half_fp32.modules.values():  # the reference: the fp16 values served at the model's fp32
         factors.U, factors.V, factors.sigma = factors.U.float(), factors.V.float(), factors.sigma.float()
+    bf16 = make_bundle(
+        base, ("q_proj", "v_proj", "gate_proj", "up_proj"), HALF_NAMES, num_clusters=2, dtype=torch.bfloat16, seed=5
+    )
     big_names = [f"user_{i:04d}" for i in range(BIG_ADAPTERS)]
     big = make_bundle(base, ("q_proj", "v_proj"), big_names, r=4, scale=0.8, seed=3)
     return {
@@ -73,6 +77,7 @@ def collection(tmp_path_factory):
         "plan": save(plan, root / "plan"),
         "half": save(half, root / "half"),
         "half_fp32": save(half_fp32, root / "half_fp32"),
+        "bf16": save(bf16, root / "bf16"),
         "big": save(big, root / "big"),
         "lora": save_plain_lora(base, root / "lora", ("q_proj", "v_proj", "down_proj"), r=8),
         "lora2": save_plain_lora(base, root / "lora2", ("q_proj",), r=4, seed=5),
@@ -95,6 +100,16 @@ def llm(collection):
         },
         max_cpu_loras=8,
         kv_cache_memory_bytes=64 << 20,
+    )
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def llm_bf16(collection):
+    """A bf16 model serving a bf16 bundle, bundles only (plain_lora_slots=0)."""
+    engine = tiny_engine(
+        collection["base"], {"bundles": [str(collection["bf16"])], "plain_lora_slots": 0}, dtype="bfloat16"
     )
     yield engine
     del engine
@@ -188,3 +203,14 @@ def test_ordinary_loras_beyond_plain_slots_are_refused(llm, collection):
 def test_ordinary_lora_on_a_module_no_bundle_patches_is_refused(llm, collection):
     with pytest.raises(VLLMValidationError, match=r"patches \['lm_head'\], but this engine wraps only the modules"):
         vllm_generations(llm, _prompts(1, 7), [LoRARequest("head", 701, str(collection["lm_head_lora"]))], 2)
+
+
+def test_bf16_model_and_bundle_match_peft_at_bf16(llm_bf16, collection):
+    bf16 = str(collection["bf16"])
+    names = ["h0", None, "h1", "shared", "h3"]
+    requests = [None if n is None else LoRARequest(n, 801 + i, bf16) for i, n in enumerate(names)]
+    prompts = _prompts(len(names), seed=8)
+    got = vllm_generations(llm_bf16, prompts, requests, MAX_TOKENS)
+    refs = [None if n is None else ("bf16", n) for n in names]
+    assert got == reference_generations(collection, prompts, refs, MAX_TOKENS, dtype=torch.bfloat16)
+    assert len({tuple(g) for g in got}) > 3
