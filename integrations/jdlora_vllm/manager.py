@@ -151,8 +151,13 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
         `lora_*_stacked[token_lora_indices]` without skipping -1, the index of a token without LoRA, so such a token
         gets the LoRA in slot `max_loras - 1` (also after that LoRA left the slot: vLLM does not clear a freed slot).
         Base rows are such tokens, and so are bundle rows in these layers (`without_bundle_adapters`). With the
-        extra slot, -1 reads zeros; the Triton kernels on CUDA skip -1 and never read it.
+        extra slot, -1 reads zeros. Only there: vLLM's Triton kernels (CUDA, XPU) skip -1, and their stacks keep the
+        shapes vLLM sized and captured.
         """
+        from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+        if not any(isinstance(w, PunicaWrapperCPU) for w in self.punica_wrapper_mapping.values()):
+            return
         own_layers = (BaseLinearLayerWithLoRA, VocabParallelEmbeddingWithLoRA, LogitsProcessorWithLoRA)
         for name, module in self.modules.items():
             # JD layers never read their stacks; fused-MoE LoRA layers run vLLM's Triton kernels, not these ops
@@ -219,7 +224,7 @@ class JDLoRAModelManager(LRUCacheLoRAModelManager):
             return super()._set_adapter_mapping(mapping)
         self.jd_routing.set_token_slots(token_slots_from_mapping(mapping.index_mapping, self.lora_index_to_id))
         # vLLM's own LoRA layers (modules no bundle patches, embeddings, lm_head) see bundle-adapter tokens as base
-        # tokens (-1, which reads the zero slot `_add_zero_slot_for_no_lora_rows` adds): those layers hold nothing
+        # tokens (-1; on CPU it reads the zero slot `_add_zero_slot_for_no_lora_rows` adds): those layers hold nothing
         # for them, and a step without other LoRA tokens then skips their per-slot LoRA ops in prefill.
         super()._set_adapter_mapping(without_bundle_adapters(mapping, self._bundle_adapter_ids()))
 
