@@ -361,20 +361,3 @@ def test_push_publishes_no_local_paths(world, tmp_path):
     report = json.loads(remote["jdlora_report.json"])
     assert report["verification"]["base_model_check"]["base_model"] == "<local>/base"
     assert "Local paths were not published" in remote["README.md"].decode()
-
-
-# ---------------------------------------------------------------------------------------------------- bad bundles
-
-
-@pytest.mark.parametrize(
-    ("field", "value"),
-    [("num_clusters", "2"), ("default_adapter", "nobody"), ("rank_pattern", ["q_proj"]), ("sigma_pattern", ["diag"])],
-)
-def test_a_bundle_config_with_a_bad_field_is_bad_input(world, converted, tmp_path, field, value):
-    folder = shutil.copytree(converted[0], tmp_path / "bundle")
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config[field] = value
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    for argv in (["inspect", str(folder)], ["export", str(folder), "--all", "--out", str(tmp_path / "o")]):
-        assert_one_line_error(world.run("jdlora", *argv, "--offline"), 3, field)
-    assert not (tmp_path / "o").exists()

@@ -438,6 +438,19 @@ def edited_bundle(source: Path, folder: Path, **fields) -> Path:
     return folder
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("num_clusters", "2"), ("default_adapter", "nobody"), ("rank_pattern", ["q_proj"]), ("sigma_pattern", ["diag"])],
+)
+def test_a_bundle_config_with_a_bad_field_is_bad_input(bundle, tmp_path, capsys, field, value):
+    folder = edited_bundle(bundle, tmp_path / "bundle", **{field: value})
+    for argv in (["inspect", str(folder)], ["export", str(folder), "--all", "--out", str(tmp_path / "o")]):
+        assert main([*argv, "--offline"]) == ExitCode.INPUT
+        errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+        assert len(errors) == 1 and field in errors[0], errors
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_of_names_no_folder_can_hold(bundle, tmp_path, capsys):
     long_name = "task-" + "x" * 295
     folder = edited_bundle(bundle, tmp_path / "long", adapter_names=[long_name, "b", "c"])
