@@ -20,7 +20,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -169,12 +169,7 @@ def read_examples(path: Path, tokenizer: Any, max_length: int) -> Examples:
         raise SourceError(f"--data {path}: no such file.")
     eos = tokenizer.eos_token_id
     out = Examples()
-    try:
-        # utf-8-sig: a byte-order mark some editors write; split on "\n" only, as reading lines from the file does
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except UnicodeDecodeError as err:
-        raise SourceError(f"{path}: not UTF-8 text (byte {err.start}).") from None
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(_text_lines(path), start=1):
         if not line.strip():
             continue
         out.lines += 1
@@ -216,6 +211,18 @@ def read_examples(path: Path, tokenizer: Any, max_length: int) -> Examples:
             continue
         out.rows.append({"input_ids": ids, "labels": labels})
     return out
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file, read as needed; a byte-order mark (some editors write one) is dropped."""
+    with open(path, encoding="utf-8-sig") as f:
+        read = 0
+        try:
+            for line in f:
+                read += 1
+                yield line
+        except UnicodeDecodeError:  # decoded a block at a time: the bad byte is at or shortly after that line
+            raise SourceError(f"{path}: not UTF-8 text (near line {read + 1}).") from None
 
 
 def _describe_drops(examples: Examples) -> str:
