@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any, Optional, Union
@@ -33,6 +35,34 @@ def router_of(model: nn.Module) -> AdapterRouter:
         model.__dict__[ROUTER_ATTR] = router
         model.register_forward_pre_hook(functools.partial(check_call_rows, router), with_kwargs=True)
     return router
+
+
+def _layer_dims(module: nn.Module) -> Optional[tuple[int, int]]:
+    """(d_out, d_in) of a layer JD-LoRA can patch (nn.Linear, transformers' Conv1D), else None."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if isinstance(module, Conv1D):
+        return module.nf, module.weight.shape[0]
+    return None
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on `device` now (CPU: the kernel's MemAvailable; CUDA: the driver's free memory), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return None
 
 
 def _remove_router(model: nn.Module) -> None:
@@ -75,9 +105,11 @@ class JDLoraModel(BaseTuner):
             peft_config.target_modules = sorted(self.target_module_mapping[model_type])
         if isinstance(peft_config, JDLoraConfig):
             self._check_base_model(peft_config, model_config)
+            targeted = self._targeted_layers(peft_config)
             checked = getattr(peft_config, "_checked_shapes", None)
             if checked is not None:
-                self._check_checkpoint_fits(peft_config, checked)
+                self._check_checkpoint_fits(peft_config, checked, targeted)
+            self._check_factors_fit_in_memory(peft_config, targeted)
         return peft_config
 
     @staticmethod
@@ -100,11 +132,11 @@ class JDLoraModel(BaseTuner):
                 stacklevel=2,
             )
 
-    def _check_checkpoint_fits(self, config: JDLoraConfig, checked: dict[str, tuple[int, int]]) -> None:
-        """Before any layer is allocated: the modules the config targets in this model and the modules the weights
-        file holds must be the same, with the same shapes (`JDLoraConfig.from_pretrained` checked the file)."""
+    def _targeted_layers(self, config: JDLoraConfig) -> dict[str, nn.Module]:
+        """{module name: base layer} of the modules the config targets in this model ({} for "all-linear", which
+        PEFT resolves later)."""
         if config.target_modules == "all-linear":
-            return
+            return {}
         inside_tuner_layers = [name + "." for name, m in self.model.named_modules() if isinstance(m, BaseTunerLayer)]
         targeted = {}
         for name, module in self.model.named_modules():
@@ -113,6 +145,38 @@ class JDLoraModel(BaseTuner):
             match = check_target_module_exists(config, name)
             if match and not isinstance(match, _ExcludedModule):
                 targeted[name] = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        return targeted
+
+    @staticmethod
+    def _check_factors_fit_in_memory(config: JDLoraConfig, targeted: dict[str, nn.Module]) -> None:
+        """Before any layer is allocated: the factors the config implies (float32, as `update_layer` creates them)
+        must fit in the free memory of the device holding the base layers. A config loaded without its weights file
+        (transformers' `load_adapter`) is checked this way only, so a lying rank or count is refused here, not by
+        running out of memory."""
+        needed, device = 0, None
+        for name, module in targeted.items():
+            dims = _layer_dims(module)
+            if dims is None:
+                continue
+            shapes = config.factor_shapes(name, *dims)
+            needed += 4 * sum(math.prod(shape) for shape in shapes.values())
+            device = device or module.weight.device
+        free = available_memory(device) if device is not None else None
+        if free is not None and needed > free:
+            raise BundleFormatError(
+                f"the config implies {needed / 2**30:.1f} GiB of factors over {len(targeted)} modules (r "
+                f"{config.r}, rank_pattern {len(config.rank_pattern or {})} entries, {config.num_adapters} adapters, "
+                f"num_clusters {config.num_clusters}), more than the {free / 2**30:.1f} GiB free on {device}: a config "
+                "that does not match its weights, or a bundle too large for this machine."
+            )
+
+    def _check_checkpoint_fits(
+        self, config: JDLoraConfig, checked: dict[str, tuple[int, int]], targeted: dict[str, nn.Module]
+    ) -> None:
+        """Before any layer is allocated: the modules the config targets in this model and the modules the weights
+        file holds must be the same, with the same shapes (`JDLoraConfig.from_pretrained` checked the file)."""
+        if config.target_modules == "all-linear":
+            return
         for name in sorted(set(checked) - set(targeted)):
             raise BundleFormatError(
                 f"tensor {KEY_PREFIX}{name}.jd_U is for module {name!r}, which this base model does not have or the "
@@ -124,11 +188,8 @@ class JDLoraModel(BaseTuner):
                     f"the config targets module {name!r} of this model but the bundle's weights hold no tensors for "
                     "it (adapter_model.safetensors does not match adapter_config.json)."
                 )
-            if isinstance(module, nn.Linear):
-                dims = (module.out_features, module.in_features)
-            elif isinstance(module, Conv1D):
-                dims = (module.nf, module.weight.shape[0])
-            else:
+            dims = _layer_dims(module)
+            if dims is None:
                 continue  # _create_and_replace refuses it with its own message
             if dims != checked[name]:
                 raise BundleFormatError(

@@ -141,6 +141,23 @@ def test_a_huge_rank_is_refused_before_allocating(bundle_dir):
     assert time.perf_counter() - start < 60 and not injected(base)
 
 
+def test_a_huge_rank_through_transformers_load_adapter_is_refused_before_allocating(bundle_dir, monkeypatch):
+    """transformers' load_adapter builds the config without its weights file (no header to compare): the factors
+    the config implies are checked against free memory before any layer is made."""
+    edit_adapter_config(bundle_dir, r=10**6)
+    model = tiny_llama()
+    with pytest.raises(BundleFormatError, match=r"the config implies \d+\.\d GiB of factors over 4 modules \(r 1000000"):
+        model.load_adapter(str(bundle_dir), adapter_name="jd")
+    assert not injected(model)
+    # The measure is the device's free memory: with 1 KiB free, even the honest rank-4 bundle (~6 KiB) is refused.
+    edit_adapter_config(bundle_dir, r=4)
+    monkeypatch.setattr("peft_jdlora.model.available_memory", lambda device: 2**10)
+    with pytest.raises(BundleFormatError, match=r"more than the 0\.0 GiB free on cpu"):
+        PeftModel.from_pretrained(tiny_llama(), bundle_dir)
+    monkeypatch.undo()
+    assert injected(PeftModel.from_pretrained(tiny_llama(), bundle_dir).base_model.model)
+
+
 def test_shapes_of_another_base_model_are_refused_before_the_model_is_touched(tmp_path):
     wide = random_bundle(tiny_llama(), num_adapters=2)
     for module in wide.modules.values():  # a base model with 128-wide projections
