@@ -146,7 +146,8 @@ def test_a_huge_rank_through_transformers_load_adapter_is_refused_before_allocat
     the config implies are checked against free memory before any layer is made."""
     edit_adapter_config(bundle_dir, r=10**6)
     model = tiny_llama()
-    with pytest.raises(BundleFormatError, match=r"the config implies \d+\.\d GiB of factors over 4 modules \(r 1000000"):
+    implied = r"the config implies \d+\.\d GiB of factors over 4 modules \(r 1000000"
+    with pytest.raises(BundleFormatError, match=implied):
         model.load_adapter(str(bundle_dir), adapter_name="jd")
     assert not injected(model)
     # The measure is the device's free memory: with 1 KiB free, even the honest rank-4 bundle (~6 KiB) is refused.
