@@ -80,8 +80,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class TrainingSetupError(ValueError):
-    """`add_trainable_adapter` (or `cluster_scores`) refuses its arguments, the model or the bundle's layout; the
-    message says why and what to do. A `ValueError`, as such refusals are in Python."""
+    """`add_trainable_adapter` or `cluster_scores` refuses its arguments, the model or the bundle's layout, or a
+    trained bundle is asked of a bundle training no adapter; the message says why and what to do. A `ValueError`, as
+    such refusals are in Python."""
 
 
 # ---------------------------------------------------------------------------------------------------- the handle
@@ -126,6 +127,10 @@ class TrainableAdapter:
     def parameters(self) -> list[nn.Parameter]:
         """The trainable Σ tensors (for an optimizer)."""
         return [p for p in self.sigma.values() if p.requires_grad]
+
+    def nonfinite_module(self) -> Optional[str]:
+        """The first module whose Σ holds a NaN or inf value (a diverged step), or None."""
+        return next((module for module, param in self.sigma.items() if not torch.isfinite(param).all()), None)
 
     @property
     def data_sha256(self) -> str:
@@ -857,12 +862,12 @@ def trained_bundle(model: nn.Module, bundle: Optional[str] = None) -> Bundle:
             "something trained or modified them (PEFT's set_adapter() makes a whole bundle trainable again). The new "
             f"adapter {state.name!r} was trained against other bases than the bundle's; nothing was written."
         )
-    for module, param in state.sigma.items():
-        if not torch.isfinite(param).all():
-            raise NonFiniteLossError(
-                f"adapter {state.name!r}: its Σ at module {module!r} holds NaN or inf values (training diverged); "
-                "nothing was written."
-            )
+    diverged = state.nonfinite_module()
+    if diverged is not None:
+        raise NonFiniteLossError(
+            f"adapter {state.name!r}: its Σ at module {diverged!r} holds NaN or inf values (training diverged); "
+            "nothing was written."
+        )
     config = tuner.peft_config[bundle]
     out_config = _copy_config(
         config,

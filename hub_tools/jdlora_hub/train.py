@@ -430,8 +430,11 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            if not all(bool(torch.isfinite(p).all()) for p in params):
-                raise peft_jdlora.NonFiniteLossError(f"the trained numbers are not finite after step {step + 1}")
+            diverged = adapter.nonfinite_module()
+            if diverged is not None:
+                raise peft_jdlora.NonFiniteLossError(
+                    f"the trained numbers are not finite after step {step + 1} (Σ at {diverged})"
+                )
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
